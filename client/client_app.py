@@ -1,0 +1,53 @@
+"""The Flower ClientApp: Flower records in, `train_round` / `evaluate_round`, Flower records out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train_round import ClientIdentity, evaluate_round, train_round
+from common.config import RunConfig
+from common.payload import from_record, to_record
+
+app = ClientApp()
+log = logging.getLogger("fedlora.client")
+
+
+def identity_of(context: Context, run_dir: str) -> ClientIdentity:
+    """Client id = partition id; the ledger sits under node-config `ledger-dir`, else the run dir."""
+    node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
+    ledger_dir = node.get("ledger-dir") or str(Path(run_dir) / "ledgers")
+    return ClientIdentity(client_id=str(partition_id), partition_id=partition_id,
+                          num_partitions=int(node.get("num-partitions", 1)), ledger_dir=Path(str(ledger_dir)))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_flower(context.run_config)
+    settings = msg.content["config"]
+    identity = identity_of(context, str(settings["run-dir"]))
+    frozen = tuple(part for part in str(settings.get("frozen", "")).split(",") if part)
+    outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen, int(settings["server-round"]))
+    if outcome.refused:
+        log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
+    content = RecordDict({
+        "metrics": MetricRecord(outcome.metrics),
+        "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),
+                                 "reason": outcome.reason}),
+    })
+    if not outcome.refused:
+        content["arrays"] = to_record(outcome.arrays)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_flower(context.run_config)
+    identity = identity_of(context, str(msg.content["config"].get("run-dir", ".")))
+    metrics = evaluate_round(config, identity, from_record(msg.content["arrays"]))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

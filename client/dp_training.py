@@ -1,0 +1,106 @@
+"""Local training of the adapter with DP-SGD (Opacus): the client's one heavy function.
+
+Poisson sampling at rate q = 1/len(loader), per-sample clipping to `max_grad_norm`, Gaussian noise
+of std `noise_multiplier * max_grad_norm`, averaged over the expected batch size. The PrivacyEngine
+is created per call and its accountant is not used: spending is recorded by the caller's ledger,
+which outlives rounds and processes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.tensors import trim
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Noise and clipping for one round; `noise_multiplier = None` trains without DP."""
+
+    noise_multiplier: float | None
+    max_grad_norm: float
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    steps: int
+    mean_loss: float
+    first_loss: float
+    sample_rate: float
+
+
+def fresh_generator(device: torch.device, seed: int | None = None) -> torch.Generator:
+    """A generator seeded from the OS unless a test asks for a fixed seed.
+
+    DP noise and Poisson sampling must not be predictable from the public run config.
+    """
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def train_locally(
+    model: nn.Module,
+    data: TensorDataset,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    dp: DPSettings,
+    device: torch.device,
+    sampling_generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> LocalResult:
+    """Run exactly `steps` optimizer steps (re-iterating the loader as needed)."""
+    model.to(device)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=True,
+        generator=sampling_generator or fresh_generator(torch.device("cpu")),
+    )
+    sample_rate = 1.0 / len(loader)
+    if dp.noise_multiplier is not None:
+        from opacus import PrivacyEngine
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+            noise_generator=noise_generator or fresh_generator(device), grad_sample_mode=dp.grad_sample_mode,
+        )
+    losses: list[float] = []
+    while len(losses) < steps:
+        for input_ids, attention_mask, labels in loader:
+            input_ids, attention_mask = trim(input_ids, attention_mask)
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels) == 0:
+                # An empty Poisson batch is still a DP step: the optimizer adds pure noise.
+                optimizer.step()
+                losses.append(float("nan"))
+            else:
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+                loss = F.cross_entropy(logits, labels.to(device))
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            if len(losses) == steps:
+                break
+    finite = [x for x in losses if x == x]
+    return LocalResult(
+        steps=len(losses),
+        mean_loss=sum(finite) / max(len(finite), 1),
+        first_loss=finite[0] if finite else float("nan"),
+        sample_rate=sample_rate,
+    )

@@ -1,0 +1,116 @@
+"""One federated round on a client, without Flower: budget check, DP training, ledger, reply values.
+
+The ClientApp only converts Flower records to these arguments and back, so this is what tests drive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.dp_training import DPSettings, train_locally
+from common.config import RunConfig
+from common.data.partition import client_data
+from common.evaluation import evaluate
+from common.model import build_model, pick_device
+from common.payload import load_state, trainable_state
+from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
+from common.tensors import encode
+
+
+@dataclass
+class ClientIdentity:
+    """Who this client is and where its ledger lives."""
+
+    client_id: str
+    partition_id: int
+    num_partitions: int
+    ledger_dir: Path
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger_dir / f"client-{self.client_id}.json"
+
+
+@dataclass
+class TrainOutcome:
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float | int]
+    ledger: dict
+    refused: bool = False
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def open_ledger(config: RunConfig, identity: ClientIdentity) -> PrivacyLedger:
+    return PrivacyLedger(identity.ledger_path, identity.client_id, config.target_epsilon, config.delta,
+                         config.accountant)
+
+
+def noise_for(config: RunConfig, sample_rate: float) -> float | None:
+    """The round's noise multiplier: given, calibrated to the planned participation, or None (no DP)."""
+    if config.noise_multiplier > 0:
+        return config.noise_multiplier
+    if not math.isfinite(config.target_epsilon):
+        return None
+    planned_steps = config.planned_rounds * config.local_steps
+    return calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate, planned_steps,
+                                      config.accountant)
+
+
+def train_round(
+    config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray], frozen: tuple[str, ...],
+    server_round: int,
+) -> TrainOutcome:
+    """Train the received adapter locally under DP-SGD, or refuse if the budget does not allow it."""
+    data = client_data(config, identity.partition_id, identity.num_partitions)
+    sample_rate = poisson_sample_rate(len(data.train), config.batch_size)
+    noise = noise_for(config, sample_rate)
+    ledger = open_ledger(config, identity)
+    step = PrivacyStep(server_round, noise or 0.0, sample_rate, config.local_steps)
+    if noise is not None:
+        if not ledger.allows(step):
+            reason = (f"budget: round {server_round} would spend epsilon {ledger.epsilon_if(step):.3f} "
+                      f"> target {config.target_epsilon}")
+            return TrainOutcome(arrays={}, metrics=_metrics(0, ledger, refused=True), ledger=ledger.to_dict(),
+                                refused=True, reason=reason)
+        ledger.charge(step)
+
+    adapted = build_model(config, num_labels=len(data.train.label_names))
+    load_state(adapted.model, arrays)
+    for name, parameter in adapted.model.named_parameters():
+        if any(part in frozen for part in name.split(".")):
+            parameter.requires_grad_(False)
+    sent = adapted.trainable
+    result = train_locally(
+        adapted.model, encode(adapted.tokenizer, data.train, config.max_seq_len),
+        steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
+        dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm), device=pick_device(),
+    )
+    if noise is not None:
+        ledger.settle(server_round, result.steps)
+    metrics = _metrics(len(data.train), ledger, refused=False)
+    metrics.update({"train-loss": result.mean_loss, "first-loss": result.first_loss, "steps": result.steps,
+                    "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})
+    if noise is None:
+        metrics["epsilon"] = math.inf
+    return TrainOutcome(arrays=trainable_state(adapted.model, sent), metrics=metrics, ledger=ledger.to_dict())
+
+
+def _metrics(num_examples: int, ledger: PrivacyLedger, refused: bool) -> dict:
+    return {"num-examples": num_examples, "epsilon": ledger.epsilon(), "refused": int(refused),
+            "train-loss": math.nan, "first-loss": math.nan, "steps": 0, "noise-multiplier": 0.0,
+            "sample-rate": 0.0}
+
+
+def evaluate_round(config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray]) -> dict:
+    """Loss and accuracy of the received global adapter on this client's local test split."""
+    data = client_data(config, identity.partition_id, identity.num_partitions)
+    adapted = build_model(config, num_labels=len(data.test.label_names))
+    load_state(adapted.model, arrays)
+    loss, accuracy = evaluate(adapted.model, encode(adapted.tokenizer, data.test, config.max_seq_len),
+                              config.eval_batch_size, pick_device())
+    return {"num-examples": len(data.test), "eval-loss": loss, "eval-accuracy": accuracy}

@@ -1,0 +1,1 @@
+"""Code shared by the client and the server: config, data, model, adapters, privacy accounting."""

@@ -1,0 +1,33 @@
+"""Put an adapter around every target `nn.Linear` of a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from common.adapters.registry import get_adapter
+from common.config import RunConfig
+from common.errors import ConfigError
+
+
+def inject_adapters(model: nn.Module, config: RunConfig) -> list[str]:
+    """Wrap each `nn.Linear` whose last name component is in `target-modules`; return their names.
+
+    Everything else in the model is frozen by the caller; the wrappers' own factors stay trainable.
+    """
+    kind = get_adapter(config.adapter)
+    adapter_config = kind.make_config(config)
+    targets = set(config.target_module_names)
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"target-modules {config.target_modules!r} match no linear layer; this model has: {', '.join(linear)}"
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, kind.wrap(getattr(parent, child), adapter_config, name))
+    return names

@@ -1,0 +1,66 @@
+"""Plain LoRA (Hu et al. 2021): W x + s * B A x with s = alpha / r, base weight frozen.
+
+A and B are ordinary `nn.Linear` modules so that Opacus computes their per-sample gradients with its
+built-in einsum grad sampler (hooks mode), and so that a strategy can freeze A by `requires_grad`.
+A is initialised from a generator seeded by (seed, module name): every party that builds the model
+with the same seed gets the same A, which is what lets FFA-LoRA send only a seed instead of A.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    seed: int = 42
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig, name: str):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, config.rank, bias=False)
+        self.lora_B = nn.Linear(config.rank, base.out_features, bias=False)
+        self.lora_A.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B.to(device=base.weight.device, dtype=base.weight.dtype)
+        self.reset_parameters(seed_for(config.seed, name))
+
+    def reset_parameters(self, seed: int) -> None:
+        """A ~ Kaiming-uniform (as in PEFT) from a named seed; B = 0 so training starts at W0."""
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(self.base.in_features)
+        with torch.no_grad():
+            a = torch.empty(self.lora_A.weight.shape).uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, the dense update this adapter adds to the base weight (d_out x d_in)."""
+        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A per-module seed that does not depend on the order modules are visited in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)

@@ -1,0 +1,153 @@
+"""The run configuration: one typed, validated view of `[tool.flwr.app.config]`.
+
+Flower hands the ServerApp and the ClientApp a flat dict with dashed keys (`num-rounds`). Both sides
+parse it with `RunConfig.from_flower`, so a bad value fails the same way everywhere, with a one-line
+message that names the key and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+
+PARTITIONERS = ("iid", "dirichlet")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run; field `num_rounds` is key `num-rounds` in the run config."""
+
+    model: str = ""
+    dataset: str = "wordnet"
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: str = ""
+    examples_per_class: int = 400
+    global_test_fraction: float = 0.1
+    local_test_fraction: float = 0.2
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    num_rounds: int = 3
+    clients_per_round: int = 4
+    planned_participation: float = 1.0
+    local_steps: int = 12
+    batch_size: int = 32
+    max_seq_len: int = 64
+    lr: float = 0.005
+    adapter: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: str = "query,value"
+    strategy: str = "fedsvd"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    seed: int = 42
+    run_dir: str = ""
+    eval_batch_size: int = 128
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's run config (dashed keys); unknown keys are an error."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
+        values = {}
+        for key, value in run_config.items():
+            field = known[key]
+            values[field.name] = _coerce(key, value, field.type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_flower(self) -> dict[str, Any]:
+        """The dashed-key dict Flower uses (inverse of `from_flower`)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def private(self) -> bool:
+        """False only for the non-private reference run (`target-epsilon = inf`)."""
+        return math.isfinite(self.target_epsilon) or self.noise_multiplier > 0
+
+    @property
+    def target_module_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.target_modules.split(",") if name.strip())
+
+    @property
+    def planned_rounds(self) -> int:
+        """Rounds each client plans to train, used to calibrate the noise multiplier."""
+        return max(1, math.ceil(self.num_rounds * self.planned_participation))
+
+    def validate(self) -> None:
+        """Range checks that need no registry (strategy and adapter names are checked by their owners)."""
+        for name, check, hint in _RULES:
+            if not check(getattr(self, name)):
+                raise ConfigError(
+                    f"{name.replace('_', '-')} = {getattr(self, name)!r} is invalid: {hint}"
+                )
+        if not self.target_module_names:
+            raise ConfigError("target-modules is empty: give e.g. \"query,value\"")
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _fraction(v) -> bool:
+    return 0.0 < v < 1.0
+
+
+_RULES = [
+    ("num_rounds", _positive, "must be an integer >= 1"),
+    ("clients_per_round", _positive, "must be an integer >= 1"),
+    ("local_steps", _positive, "must be an integer >= 1"),
+    ("batch_size", _positive, "must be an integer >= 1"),
+    ("max_seq_len", lambda v: 8 <= v <= 4096, "must be between 8 and 4096 tokens"),
+    ("eval_batch_size", _positive, "must be an integer >= 1"),
+    ("lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
+    ("rank", _positive, "the adapter rank must be an integer >= 1"),
+    ("alpha", lambda v: v > 0 and math.isfinite(v), "must be > 0 (scaling is alpha/rank)"),
+    ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),
+    ("delta", _fraction, "must be in (0, 1), typically 1e-5 or below 1/(number of examples)"),
+    ("noise_multiplier", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = calibrate to target-epsilon)"),
+    ("max_grad_norm", lambda v: v > 0 and math.isfinite(v), "must be > 0 (per-sample clipping bound)"),
+    ("accountant", lambda v: v in ACCOUNTANTS, f"choose one of {', '.join(ACCOUNTANTS)}"),
+    ("partitioner", lambda v: v in PARTITIONERS, f"choose one of {', '.join(PARTITIONERS)}"),
+    ("dirichlet_alpha", _positive, "must be > 0 (smaller = more label skew)"),
+    ("examples_per_class", lambda v: v >= 0, "must be >= 0 (0 = no cap)"),
+    ("global_test_fraction", _fraction, "must be in (0, 1)"),
+    ("local_test_fraction", _fraction, "must be in (0, 1)"),
+    ("planned_participation", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("dataset", bool, "give \"wordnet\" or a path to a .csv/.jsonl file"),
+]
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    """Accept what TOML and `--run-config` produce; reject the rest with a clear message."""
+    try:
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if type_name == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key} = {value!r} is invalid: expected a value of type {type_name}")

@@ -1,0 +1,45 @@
+"""Adapter tensors in and out of a model, as the named numpy arrays Flower records carry."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import FedloraError
+
+
+class PayloadError(FedloraError):
+    """A received payload does not fit the local model (unknown key, wrong shape)."""
+
+
+def trainable_state(model: nn.Module, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Current values of `keys` (default: every trainable parameter), detached, on the CPU."""
+    params = dict(model.named_parameters())
+    wanted = keys if keys is not None else [n for n, p in params.items() if p.requires_grad]
+    return {name: params[name].detach().cpu().numpy().copy() for name in wanted}
+
+
+def load_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy `arrays` into the model's parameters of the same name; every key must exist and fit."""
+    params = dict(model.named_parameters())
+    for name, value in arrays.items():
+        if name not in params:
+            raise PayloadError(f"payload key {name!r} is not a parameter of the local model")
+        target = params[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise PayloadError(f"payload {name!r} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
+
+
+def to_record(arrays: dict[str, np.ndarray]):
+    """Named numpy arrays as a Flower ArrayRecord (order preserved)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
+def from_record(record) -> dict[str, np.ndarray]:
+    """A Flower ArrayRecord as named numpy arrays."""
+    return {name: array.numpy() for name, array in record.items()}

@@ -1,0 +1,1 @@
+"""The server side: aggregation strategies, global evaluation and the privacy report."""

@@ -1,0 +1,56 @@
+"""The linear algebra of aggregation, as pure numpy functions checked against closed forms in tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_mean(payloads: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """sum_k w_k x_k / sum_k w_k for every key; all payloads must have the same keys and shapes."""
+    if not payloads:
+        raise ValueError("nothing to average")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    keys = payloads[0].keys()
+    out = {}
+    for key in keys:
+        acc = np.zeros(payloads[0][key].shape, dtype=np.float64)
+        for payload, weight in zip(payloads, weights, strict=True):
+            acc += payload[key].astype(np.float64) * (weight / total)
+        out[key] = acc.astype(payloads[0][key].dtype)
+    return out
+
+
+def fedsvd_reorthogonalize(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B', A') with B' A' = B A, A' with orthonormal rows and B' = U_r Σ_r, without forming B A.
+
+    B A = Q_b R_b (Q_a R_a)^T = Q_b (R_b R_a^T) Q_a^T; the SVD of the r x r core, U Σ V^T, gives
+    B A = (Q_b U) Σ (Q_a V)^T. Cost O((d_in + d_out) r^2) instead of O(d_out d_in min(d_out, d_in)).
+    """
+    dtype = b.dtype
+    q_b, r_b = np.linalg.qr(b.astype(np.float64))
+    q_a, r_a = np.linalg.qr(a.astype(np.float64).T)
+    u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    new_b = (q_b @ u) * s
+    new_a = vt @ q_a.T
+    new_b, new_a = _canonical_signs(new_b, new_a)
+    return new_b.astype(dtype), new_a.astype(dtype)
+
+
+def fedsvd_reorthogonalize_dense(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: SVD of the dense d_out x d_in product (what the QR route avoids)."""
+    rank = b.shape[1]
+    u, s, vt = np.linalg.svd(b.astype(np.float64) @ a.astype(np.float64), full_matrices=False)
+    new_b, new_a = _canonical_signs(u[:, :rank] * s[:rank], vt[:rank])
+    return new_b.astype(b.dtype), new_a.astype(a.dtype)
+
+
+def _canonical_signs(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each rank-1 pair (b_k, a_k) -> (-b_k, -a_k) so a_k's largest-magnitude entry is positive.
+
+    The SVD fixes singular vectors only up to sign; this makes every route return the same factors.
+    """
+    pivots = a[np.arange(a.shape[0]), np.abs(a).argmax(axis=1)]
+    signs = np.where(pivots < 0, -1.0, 1.0)
+    return b * signs, a * signs[:, None]

@@ -1,0 +1,123 @@
+"""The Flower ServerApp: build the strategy from the run config, run the rounds, write the run directory.
+
+RUN_DIR gets `metrics.json` (per-round accuracy, loss, bytes), `adapter.safetensors` (the final global
+adapter and head), `run_config.json`, and the privacy report (`privacy.json`, `.md`, `.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.numpy import save_file
+
+from common.config import RunConfig
+from common.data.partition import global_test_set
+from common.errors import FedloraError
+from common.evaluation import evaluate
+from common.model import build_model, pick_device, resolve_model_path
+from common.payload import from_record, load_state, to_record, trainable_state
+from common.tensors import encode
+from server.report import build_report, write_report
+from server.strategies import get_strategy
+
+app = ServerApp()
+log = logging.getLogger("fedlora.server")
+if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s fedlora: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def resolve_run_dir(config: RunConfig) -> Path:
+    if config.run_dir:
+        return Path(config.run_dir).expanduser().resolve()
+    return (Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")).resolve()
+
+
+class GlobalEvaluator:
+    """Accuracy of the global adapter on the server's held-out test set (`evaluate_fn` of the strategy)."""
+
+    def __init__(self, config: RunConfig):
+        test = global_test_set(config)
+        self.adapted = build_model(config, num_labels=len(test.label_names))
+        self.data = encode(self.adapted.tokenizer, test, config.max_seq_len)
+        self.batch_size = config.eval_batch_size
+        self.device = pick_device()
+
+    def initial_arrays(self) -> dict:
+        return trainable_state(self.adapted.model)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_state(self.adapted.model, from_record(arrays))
+        loss, accuracy = evaluate(self.adapted.model, self.data, self.batch_size, self.device)
+        log.info("round %d: global test accuracy %.4f, loss %.4f (%d examples)", server_round, accuracy, loss,
+                 len(self.data))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        run(grid, context)
+    except FedloraError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+
+
+def run(grid: Grid, context: Context) -> Path:
+    started = time.time()
+    config = RunConfig.from_flower(context.run_config)
+    strategy_class = get_strategy(config.strategy)
+    run_dir = resolve_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, default=str))
+    log.info("run directory: %s", run_dir)
+
+    evaluator = GlobalEvaluator(config)
+    strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir))
+    result = strategy.start(grid=grid, initial_arrays=to_record(evaluator.initial_arrays()),
+                            num_rounds=config.num_rounds, evaluate_fn=evaluator)
+
+    final = from_record(result.arrays) if result.arrays is not None else evaluator.initial_arrays()
+    save_file(final, str(run_dir / "adapter.safetensors"))
+    rounds = _round_table(result, config.num_rounds, strategy.refusals)
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"strategy": config.strategy, "rounds": rounds, "wall_seconds": time.time() - started}, indent=2))
+    report = build_report(
+        strategy.ledgers, delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
+        run={"strategy": config.strategy, "rounds": config.num_rounds, "model": resolve_model_path(config.model),
+             "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank},
+    )
+    markdown = write_report(run_dir, report)
+    for row in rounds:
+        log.info("round %d: global accuracy %.4f", row["round"], row["global-accuracy"])
+    for client in report["clients"]:
+        log.info("client %s: epsilon %s", client["id"], client["epsilon"])
+    log.info("privacy report: %s", markdown)
+    return run_dir
+
+
+def _round_table(result, num_rounds: int, refusals: dict[int, list[str]]) -> list[dict]:
+    """One row per round (round 0 = before training) from Flower's Result."""
+    rows = []
+    for rnd in range(num_rounds + 1):
+        row: dict = {"round": rnd}
+        server = result.evaluate_metrics_serverapp.get(rnd)
+        if server is not None:
+            row["global-accuracy"], row["global-loss"] = server["accuracy"], server["loss"]
+        for prefix, record in (("train", result.train_metrics_clientapp.get(rnd)),
+                               ("client-eval", result.evaluate_metrics_clientapp.get(rnd))):
+            for key, value in (dict(record) if record is not None else {}).items():
+                row[key if prefix == "train" else f"client-{key}"] = value
+        if rnd in refusals:
+            row["refused-clients"] = refusals[rnd]
+        rows.append(row)
+    return rows

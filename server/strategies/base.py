@@ -1,0 +1,169 @@
+"""What the three LoRA strategies share: seeded sampling, what travels, reply checks, averaging.
+
+Each strategy is a Flower `FedAvg` (Message API) and changes only what differs:
+- `frozen_factors`: adapter factors clients keep fixed in a round and therefore do not send back;
+- `static_factors`: factors every party rebuilds from the run seed, so the server never sends them;
+- `after_averaging`: a post-processing step on the new global state (FedSVD's re-orthogonalization).
+Everything here acts on the clients' DP outputs only: the server never sees raw data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.errors import ConfigError
+from common.payload import from_record, to_record
+from server.aggregation import weighted_mean
+
+log = logging.getLogger("fedlora.server")
+
+NODE_WAIT_SECONDS = 300.0
+
+
+def factor_of(key: str) -> str:
+    """`...query.lora_A.weight` -> `lora_A`; a head parameter has no factor ("")."""
+    parts = key.split(".")
+    return next((p for p in parts if p.startswith("lora_")), "")
+
+
+class LoRAStrategy(FedAvg):
+    """FedAvg over adapter tensors and the classifier head, example-weighted."""
+
+    frozen_factors: tuple[str, ...] = ()
+    static_factors: tuple[str, ...] = ()
+
+    def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, evaluate_clients: bool = True):
+        super().__init__(
+            min_train_nodes=clients_per_round, min_available_nodes=clients_per_round,
+            min_evaluate_nodes=clients_per_round, fraction_evaluate=1.0 if evaluate_clients else 0.0,
+        )
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.run_dir = run_dir
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.ledgers: dict[str, dict] = {}
+        self.refusals: dict[int, list[str]] = {}
+
+    # ---- what travels -------------------------------------------------------------------------
+    def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The part of the global state sent to clients (static factors are rebuilt from the seed)."""
+        return {k: v for k, v in arrays.items() if factor_of(k) not in self.static_factors}
+
+    def uplink_keys(self) -> set[str]:
+        """The keys a training reply must carry: everything the clients did not freeze."""
+        return {k for k in self.global_arrays if factor_of(k) not in self.frozen_factors}
+
+    def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return arrays
+
+    # ---- Flower hooks -------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
+        nodes = self._sample(grid, server_round)
+        config["server-round"] = server_round
+        config["frozen"] = ",".join(self.frozen_factors)
+        config["run-dir"] = self.run_dir
+        down = self.downlink(self.global_arrays)
+        self.last_bytes_down = sum(v.nbytes for v in down.values()) * len(nodes)
+        log.info("round %d: training on clients (node ids) %s", server_round, nodes)
+        record = RecordDict({"arrays": to_record(down), "config": config})
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, server_round, all_nodes=True)
+        config["server-round"] = server_round
+        config["run-dir"] = self.run_dir
+        record = RecordDict({"arrays": to_record(self.downlink(from_record(arrays))), "config": config})
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted, weights, metrics = [], [], []
+        refused: list[str] = []
+        bytes_up = 0
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            content = reply.content
+            privacy = content.config_records.get("privacy")
+            if privacy is not None:
+                self.ledgers[str(privacy["client-id"])] = json.loads(str(privacy["ledger"]))
+            reply_metrics = content["metrics"]
+            client = str(privacy["client-id"]) if privacy is not None else str(reply.metadata.src_node_id)
+            if int(reply_metrics.get("refused", 0)):
+                refused.append(client)
+                log.warning("round %d: client %s refused to train (%s)", server_round, client,
+                            privacy.get("reason", "") if privacy is not None else "")
+                continue
+            problem = self._check_reply(content)
+            if problem:
+                log.warning("round %d: rejected reply of client %s: %s", server_round, client, problem)
+                continue
+            payload = from_record(content["arrays"])
+            bytes_up += sum(v.nbytes for v in payload.values())
+            accepted.append(payload)
+            weights.append(float(reply_metrics["num-examples"]))
+            metrics.append(reply_metrics)
+        self.refusals[server_round] = refused
+        if not accepted:
+            log.warning("round %d: no usable replies; the global adapter is unchanged", server_round)
+            return None, MetricRecord({"clients-trained": 0, "clients-refused": len(refused)})
+        averaged = weighted_mean(accepted, weights)
+        new_global = self.after_averaging({**self.global_arrays, **averaged})
+        summary = {
+            "clients-trained": len(accepted), "clients-refused": len(refused),
+            "train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights)),
+            "first-loss": float(np.average([m["first-loss"] for m in metrics], weights=weights)),
+            "epsilon-max": float(max(m["epsilon"] for m in metrics)),
+            "bytes-up": int(bytes_up), "bytes-down": int(self.last_bytes_down),
+        }
+        return to_record(new_global), MetricRecord(summary)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _check_reply(self, content: RecordDict) -> str:
+        """Why a training reply cannot be averaged, or "" if it can."""
+        if "arrays" not in content.array_records:
+            return "no arrays"
+        payload = from_record(content["arrays"])
+        expected = self.uplink_keys()
+        if set(payload) != expected:
+            missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
+            return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        for key, value in payload.items():
+            if value.shape != self.global_arrays[key].shape:
+                return f"{key} has shape {value.shape}, expected {self.global_arrays[key].shape}"
+            if not np.all(np.isfinite(value)):
+                return f"{key} contains NaN or Inf"
+        examples = content["metrics"].get("num-examples", 0)
+        if not examples or examples <= 0:
+            return f"num-examples = {examples}"
+        return ""
+
+    def _sample(self, grid: Grid, server_round: int, all_nodes: bool = False) -> list[int]:
+        """Seeded choice of `clients_per_round` nodes, waiting (bounded) for enough to connect."""
+        deadline = time.monotonic() + NODE_WAIT_SECONDS
+        while len(nodes := sorted(grid.get_node_ids())) < self.clients_per_round:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"clients-per-round = {self.clients_per_round} but only {len(nodes)} nodes connected "
+                    f"after {NODE_WAIT_SECONDS:.0f}s; lower clients-per-round or start more SuperNodes"
+                )
+            time.sleep(1.0)
+        if all_nodes:
+            return nodes
+        return sorted(random.Random(self.seed * 100_003 + server_round).sample(nodes, self.clients_per_round))

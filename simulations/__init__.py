@@ -1,0 +1,1 @@
+"""Recipes that run fedlora end to end: the demo simulation and the benchmarks."""

@@ -1,0 +1,115 @@
+"""Run this Flower App as a local simulation with `flwr run`, on a SuperLink we start and stop.
+
+We start `flower-superlink --simulation` ourselves (free loopback ports, a private FLWR_HOME, runtime
+dependency installation disabled so the CPU torch in this venv is used) instead of the auto-started
+`:local:` one, because that one outlives the command; ours is stopped in a `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedlora-sim"
+STARTUP_SECONDS = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (works without an activated venv)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+@contextmanager
+def simulation_superlink():
+    """Yield the environment for `flwr run` against a fresh simulation SuperLink; stop it afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="fedlora-flwr-"))
+    http_port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
+               # The SuperLink spawns flower-superexec and friends by name: put this venv first.
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    log_file = home / "superlink.log"
+    process = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(http_port),
+         "--database", str(home / "state.db"), "--log-file", str(log_file)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=APP_DIR,
+    )
+    try:
+        _wait_healthy(process, http_port, log_file)
+        yield env
+    finally:
+        _stop(process)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _wait_healthy(process: subprocess.Popen, port: int, log_file: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode}\n{tail}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink did not become healthy within {STARTUP_SECONDS:.0f}s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the SuperLink's whole process group (it spawns the simulation), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: int = 1) -> int:
+    """`flwr run . fedlora-sim --stream` with these run-config overrides; returns its exit code."""
+    overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
+    command = [
+        _bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+        "--run-config", overrides,
+        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+    ]
+    return subprocess.call(command, env=env, cwd=APP_DIR)
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float) and value == float("inf"):
+        return "inf"
+    return repr(value)
