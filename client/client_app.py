@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -11,10 +11,11 @@ from flwr.clientapp import ClientApp
 
 from client.train_round import ClientIdentity, evaluate_round, train_round
 from common.config import RunConfig
+from common.logs import get_logger
 from common.payload import from_record, to_record
 
 app = ClientApp()
-log = logging.getLogger("fedlora.client")
+log = get_logger("client")
 
 
 def identity_of(context: Context, run_dir: str) -> ClientIdentity:
@@ -28,6 +29,7 @@ def identity_of(context: Context, run_dir: str) -> ClientIdentity:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     config = RunConfig.from_flower(context.run_config)
     settings = msg.content["config"]
     identity = identity_of(context, str(settings["run-dir"]))
@@ -35,6 +37,10 @@ def train(msg: Message, context: Context) -> Message:
     outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen, int(settings["server-round"]))
     if outcome.refused:
         log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
+    else:
+        log.info("client %s round %s: %d DP steps in %.0f s, loss %.3f -> %.3f, epsilon %.3f",
+                 identity.client_id, settings["server-round"], outcome.metrics["steps"], time.time() - started,
+                 outcome.metrics["first-loss"], outcome.metrics["train-loss"], outcome.metrics["epsilon"])
     content = RecordDict({
         "metrics": MetricRecord(outcome.metrics),
         "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),

@@ -81,6 +81,9 @@ def train_locally(
             noise_generator=noise_generator or fresh_generator(device), grad_sample_mode=dp.grad_sample_mode,
         )
     losses: list[float] = []
+    # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
+    # torch warning on every step.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
             input_ids, attention_mask = trim(input_ids, attention_mask)
@@ -97,6 +100,8 @@ def train_locally(
                 losses.append(float(loss.detach()))
             if len(losses) == steps:
                 break
+    if hasattr(model, "_close"):
+        model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
     finite = [x for x in losses if x == x]
     return LocalResult(
         steps=len(losses),

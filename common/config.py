@@ -34,10 +34,10 @@ class RunConfig:
     num_rounds: int = 3
     clients_per_round: int = 4
     planned_participation: float = 1.0
-    local_steps: int = 12
-    batch_size: int = 32
+    local_steps: int = 10
+    batch_size: int = 64
     max_seq_len: int = 64
-    lr: float = 0.005
+    lr: float = 0.01
     adapter: str = "lora"
     rank: int = 8
     alpha: float = 16.0

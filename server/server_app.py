@@ -7,7 +7,6 @@ adapter and head), `run_config.json`, and the privacy report (`privacy.json`, `.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ from common.config import RunConfig
 from common.data.partition import global_test_set
 from common.errors import FedloraError
 from common.evaluation import evaluate
+from common.logs import get_logger
 from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
@@ -27,13 +27,7 @@ from server.report import build_report, write_report
 from server.strategies import get_strategy
 
 app = ServerApp()
-log = logging.getLogger("fedlora.server")
-if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s fedlora: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+log = get_logger("server")
 
 
 def resolve_run_dir(config: RunConfig) -> Path:

@@ -65,6 +65,8 @@ def _partition_indices(config: RunConfig, num_partitions: int) -> list[list[int]
         )
     table = Dataset.from_dict({"label": pool.labels, "row": list(range(len(pool)))})
     if config.partitioner == "iid":
+        # IidPartitioner cuts contiguous shards; the pool is ordered (WordNet by category), so shuffle.
+        table = table.shuffle(seed=config.seed)
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
         partitioner = DirichletPartitioner(

@@ -10,7 +10,6 @@ Everything here acts on the clients' DP outputs only: the server never sees raw 
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 from typing import Iterable
@@ -21,10 +20,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.errors import ConfigError
+from common.logs import get_logger
 from common.payload import from_record, to_record
 from server.aggregation import weighted_mean
 
-log = logging.getLogger("fedlora.server")
+log = get_logger("server")
 
 NODE_WAIT_SECONDS = 300.0
 

@@ -1,0 +1,83 @@
+"""Seconds per local training step of the LoRA client, with and without DP-SGD (Opacus).
+
+Same model (MiniLM-L6 + LoRA on query/value), same real data (WordNet glosses), same batch size and
+sequence length; the DP run uses Opacus hooks-mode per-sample gradients, clipping and noise. Non-DP
+batches are fixed-size, DP batches are Poisson-sampled with the same expected size.
+
+    python -m simulations.bench_dp_step [--steps 30] [--batch-size 32] [--seq-len 64] [--threads N]
+
+The last line is `dp_step_ratio=<DP seconds per step / non-DP seconds per step>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from client.dp_training import DPSettings, fresh_generator, train_locally
+from common.config import RunConfig
+from common.data.partition import client_data
+from common.model import build_model, pick_device
+from common.tensors import encode
+
+
+def seconds_per_step(config: RunConfig, data, dp: DPSettings, steps: int, warmup: int, repeats: int) -> float:
+    device = pick_device()
+    timings = []
+    for repeat in range(repeats):
+        adapted = build_model(config, num_labels=len(data.label_names))
+        encoded = encode(adapted.tokenizer, data, config.max_seq_len)
+        kwargs = dict(batch_size=config.batch_size, lr=config.lr, dp=dp, device=device,
+                      sampling_generator=fresh_generator(torch.device("cpu"), seed=repeat))
+        train_locally(adapted.model, encoded, steps=warmup, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_locally(adapted.model, encoded, steps=steps, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - start) / steps)
+    return statistics.median(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--pad-to-max", action="store_true",
+                        help="use all seq-len tokens (default trims each batch to its longest text)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = RunConfig(batch_size=args.batch_size, max_seq_len=args.seq_len, examples_per_class=400)
+    data = client_data(config, 0, 1).train
+    if args.pad_to_max:
+        import common.tensors as tensors
+
+        tensors_trim = tensors.trim
+        tensors.trim = lambda ids, mask: (ids, mask)  # noqa: E731 - benchmark-only switch
+        import client.dp_training as dp_training
+
+        dp_training.trim = tensors.trim
+        del tensors_trim
+    device = pick_device()
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} seq_len={args.seq_len} "
+          f"examples={len(data)} steps={args.steps} repeats={args.repeats}", flush=True)
+    plain = seconds_per_step(config, data, DPSettings(noise_multiplier=None, max_grad_norm=1.0),
+                             args.steps, args.warmup, args.repeats)
+    print(f"non-DP: {plain * 1000:.1f} ms/step", flush=True)
+    private = seconds_per_step(config, data, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
+                               args.steps, args.warmup, args.repeats)
+    print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step", flush=True)
+    print(f"dp_step_ratio={private / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
