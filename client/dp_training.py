@@ -29,6 +29,13 @@ class DPSettings:
     grad_sample_mode: str = "hooks"
 
 
+# The optimizer applied to the privatized gradient (post-processing: any choice costs no privacy).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+
 @dataclass(frozen=True)
 class LocalResult:
     steps: int
@@ -58,12 +65,17 @@ def train_locally(
     device: torch.device,
     sampling_generator: torch.Generator | None = None,
     noise_generator: torch.Generator | None = None,
+    optimizer_name: str = "adam",
+    trim_padding: bool = True,
 ) -> LocalResult:
-    """Run exactly `steps` optimizer steps (re-iterating the loader as needed)."""
+    """Run exactly `steps` optimizer steps (re-iterating the loader as needed).
+
+    `trim_padding` drops padding columns no example of the batch uses (same result, less compute).
+    """
     model.to(device)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = OPTIMIZERS[optimizer_name](parameters, lr=lr)
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True,
         generator=sampling_generator or fresh_generator(torch.device("cpu")),
@@ -86,7 +98,8 @@ def train_locally(
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
-            input_ids, attention_mask = trim(input_ids, attention_mask)
+            if trim_padding:
+                input_ids, attention_mask = trim(input_ids, attention_mask)
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 # An empty Poisson batch is still a DP step: the optimizer adds pure noise.

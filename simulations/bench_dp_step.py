@@ -2,9 +2,11 @@
 
 Same model (MiniLM-L6 + LoRA on query/value), same real data (WordNet glosses), same batch size and
 sequence length; the DP run uses Opacus hooks-mode per-sample gradients, clipping and noise. Non-DP
-batches are fixed-size, DP batches are Poisson-sampled with the same expected size.
+batches are fixed-size, DP batches are Poisson-sampled with the same expected size. Every batch is
+padded to exactly `--seq-len` tokens unless `--trim` (then a step's cost depends on the longest text
+it happens to draw, which makes short runs noisy). Modes alternate across repeats; medians are kept.
 
-    python -m simulations.bench_dp_step [--steps 30] [--batch-size 32] [--seq-len 64] [--threads N]
+    python -m simulations.bench_dp_step [--steps 30] [--repeats 3] [--batch-size 32] [--seq-len 64] [--trim]
 
 The last line is `dp_step_ratio=<DP seconds per step / non-DP seconds per step>`.
 """
@@ -24,23 +26,22 @@ from common.model import build_model, pick_device
 from common.tensors import encode
 
 
-def seconds_per_step(config: RunConfig, data, dp: DPSettings, steps: int, warmup: int, repeats: int) -> float:
+def seconds_per_step(config: RunConfig, data, dp: DPSettings, steps: int, warmup: int, seed: int,
+                     trim_padding: bool) -> float:
+    """One timed run: a fresh model, `warmup` untimed steps, then `steps` timed steps."""
     device = pick_device()
-    timings = []
-    for repeat in range(repeats):
-        adapted = build_model(config, num_labels=len(data.label_names))
-        encoded = encode(adapted.tokenizer, data, config.max_seq_len)
-        kwargs = dict(batch_size=config.batch_size, lr=config.lr, dp=dp, device=device,
-                      sampling_generator=fresh_generator(torch.device("cpu"), seed=repeat))
-        train_locally(adapted.model, encoded, steps=warmup, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_locally(adapted.model, encoded, steps=steps, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append((time.perf_counter() - start) / steps)
-    return statistics.median(timings)
+    adapted = build_model(config, num_labels=len(data.label_names))
+    encoded = encode(adapted.tokenizer, data, config.max_seq_len)
+    kwargs = dict(batch_size=config.batch_size, lr=config.lr, dp=dp, device=device, trim_padding=trim_padding,
+                  sampling_generator=fresh_generator(torch.device("cpu"), seed=seed))
+    train_locally(adapted.model, encoded, steps=warmup, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_locally(adapted.model, encoded, steps=steps, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -51,31 +52,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--pad-to-max", action="store_true",
-                        help="use all seq-len tokens (default trims each batch to its longest text)")
+    parser.add_argument("--trim", action="store_true",
+                        help="trim each batch to its longest text as training does (default: every batch is "
+                             "exactly seq-len tokens, so both modes do the same work per example)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = RunConfig(batch_size=args.batch_size, max_seq_len=args.seq_len, examples_per_class=400)
     data = client_data(config, 0, 1).train
-    if args.pad_to_max:
-        import common.tensors as tensors
-
-        tensors_trim = tensors.trim
-        tensors.trim = lambda ids, mask: (ids, mask)  # noqa: E731 - benchmark-only switch
-        import client.dp_training as dp_training
-
-        dp_training.trim = tensors.trim
-        del tensors_trim
     device = pick_device()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} seq_len={args.seq_len} "
-          f"examples={len(data)} steps={args.steps} repeats={args.repeats}", flush=True)
-    plain = seconds_per_step(config, data, DPSettings(noise_multiplier=None, max_grad_norm=1.0),
-                             args.steps, args.warmup, args.repeats)
-    print(f"non-DP: {plain * 1000:.1f} ms/step", flush=True)
-    private = seconds_per_step(config, data, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0),
-                               args.steps, args.warmup, args.repeats)
-    print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step", flush=True)
+          f"examples={len(data)} steps={args.steps} repeats={args.repeats} trim={args.trim}", flush=True)
+    modes = {"non-DP": DPSettings(noise_multiplier=None, max_grad_norm=1.0),
+             "DP-SGD (opacus hooks)": DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)}
+    timings: dict[str, list[float]] = {name: [] for name in modes}
+    for repeat in range(args.repeats):
+        # Alternate the modes (and their order) so that drift in machine load hits both alike.
+        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
+        for name in order:
+            timings[name].append(seconds_per_step(config, data, modes[name], args.steps, args.warmup, repeat,
+                                                   args.trim))
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {timings[name][-1] * 1000:.1f} ms/step", flush=True)
+    plain, private = (statistics.median(timings[name]) for name in modes)
+    print(f"non-DP: {plain * 1000:.1f} ms/step (median of {args.repeats})")
+    print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step (median of {args.repeats})")
     print(f"dp_step_ratio={private / plain:.3f}")
 
 

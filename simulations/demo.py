@@ -20,7 +20,7 @@ from pathlib import Path
 from common.adapters import get_adapter
 from common.config import RunConfig
 from common.data.partition import client_data, global_test_set
-from common.errors import ConfigError, FedloraError, exit_on_user_error
+from common.errors import ConfigError, exit_on_user_error
 from common.model import resolve_model_path
 from simulations.flower_sim import APP_DIR, flwr_run, simulation_superlink
 
@@ -109,7 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FedloraError:
-        raise
+    sys.exit(main())

@@ -66,9 +66,11 @@ def calibrate_noise_multiplier(
     """The smallest noise multiplier whose `steps` steps at `sample_rate` stay within target epsilon."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-            accountant=accountant, epsilon_tolerance=0.01,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order")  # see _epsilon_cached
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                accountant=accountant, epsilon_tolerance=0.01,
+            )
         )
-    )
