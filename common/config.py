@@ -37,7 +37,7 @@ class RunConfig:
     local_steps: int = 10
     batch_size: int = 64
     max_seq_len: int = 64
-    lr: float = 0.01
+    lr: float = 0.03
     adapter: str = "lora"
     rank: int = 8
     alpha: float = 16.0
