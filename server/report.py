@@ -26,7 +26,7 @@ def build_report(ledgers: dict[str, dict], *, delta: float, accountant: str, tar
     """The `privacy.json` document for the ledgers the clients reported."""
     clients = []
     for client_id in sorted(ledgers, key=_client_order):
-        history = [PrivacyStep(**row) for row in ledgers[client_id]["history"]]
+        history = [PrivacyStep.from_dict(row) for row in ledgers[client_id]["history"]]
         clients.append({
             "id": client_id,
             "target_epsilon": _json_number(target_epsilon),
@@ -40,7 +40,7 @@ def recompute(report: dict) -> dict:
     """A copy of `report` whose epsilons are recomputed from the histories."""
     out = json.loads(json.dumps(report))
     for client in out["clients"]:
-        history = [PrivacyStep(**row) for row in client["history"]]
+        history = [PrivacyStep.from_dict(row) for row in client["history"]]
         client["epsilon"] = _json_number(epsilon_of(history, out["delta"], out["accountant"])) if history else None
     return out
 
@@ -93,7 +93,7 @@ def plot_epsilon(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for client in report["clients"]:
-        history = [PrivacyStep(**row) for row in client["history"]]
+        history = [PrivacyStep.from_dict(row) for row in client["history"]]
         if history:
             curve = epsilon_curve(history, report["delta"], report["accountant"])
             ax.plot([row.round for row in history], curve, marker="o", label=f"client {client['id']}")
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise FedloraError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    checked = recompute(report)
+    try:
+        checked = recompute(report)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise FedloraError(f"{path}: not a valid privacy report ({type(err).__name__}: {err})") from None
     for before, after in zip(report["clients"], checked["clients"]):
         if before["epsilon"] is not None and after["epsilon"] is not None and \
                 not math.isclose(before["epsilon"], after["epsilon"], rel_tol=1e-6):

@@ -8,11 +8,16 @@ Targets (issue 3): FedSVD costs at most 2x plain averaging and is at least 50x f
     python -m simulations.bench_fedsvd [--clients 100] [--d 4096] [--rank 16] [--repeats 3] [--skip-dense]
 
 The last line is `fedsvd_vs_avg=<t_fedsvd / t_avg> dense_vs_fedsvd=<t_dense / t_fedsvd>`.
+
+The QR factors are tall and thin (d x r), where multi-threaded BLAS gains nothing and, on a busy machine,
+loses a lot to contention: the FedSVD time then varies several-fold between runs. For stable numbers run
+with `OPENBLAS_NUM_THREADS=1` (the header line shows the setting).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -34,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=100, help="K, clients whose B is averaged")
     parser.add_argument("--d", type=int, default=4096, help="d_in = d_out of the adapted layer")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="r, the LoRA rank")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
     parser.add_argument("--dense-repeats", type=int, default=1, help="timed runs of the slow dense route")
     parser.add_argument("--skip-dense", action="store_true", help="do not time the dense SVD")
@@ -48,7 +53,9 @@ def main() -> None:
     def average():
         return weighted_mean(payloads, weights)["lora_B"]
 
-    print(f"K={args.clients} d={args.d} r={args.rank} float32, best of {args.repeats}", flush=True)
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    print(f"K={args.clients} d={args.d} r={args.rank} float32, best of {args.repeats}, BLAS threads {threads}",
+          flush=True)
     t_avg = best_time(average, args.repeats)
     print(f"plain averaging:             {t_avg * 1000:10.2f} ms", flush=True)
     t_fedsvd = best_time(lambda: fedsvd_reorthogonalize(average(), a), args.repeats)

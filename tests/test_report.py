@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from opacus.accountants import RDPAccountant
 
 from server.report import REPORT_JSON, build_report, render_markdown, write_report
@@ -71,6 +72,21 @@ def test_cli_on_a_directory_without_report_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:") and "privacy.json not found" in result.stderr
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r["clients"][0]["history"][0].pop("steps"),
+    lambda r: r["clients"][0]["history"][0].update(sample_rate="0.1"),
+    lambda r: r.pop("delta"),
+], ids=["row-missing-steps", "rate-is-a-string", "no-delta"])
+def test_cli_on_a_damaged_report_is_one_line(tmp_path, damage):
+    report = sample_report()
+    damage(report)
+    (tmp_path / REPORT_JSON).write_text(json.dumps(report))
+    result = subprocess.run([sys.executable, "-m", "server.report", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and "not a valid privacy report" in result.stderr
 
 
 def test_write_report_creates_all_files(tmp_path):

@@ -88,7 +88,8 @@ def reply(node_id: int, arrays: dict | None, examples: int = 10, refused: int = 
 
 
 def ledger_of(node_id: int) -> dict:
-    return {"client_id": str(node_id), "history": [{"round": 1, "noise_multiplier": 1.0, "steps": node_id}]}
+    return {"client_id": str(node_id),
+            "history": [{"round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": node_id}]}
 
 
 def client_update(strategy, seed: int) -> dict[str, np.ndarray]:
@@ -169,6 +170,35 @@ def test_refused_failed_and_malformed_replies_are_skipped(tmp_path):
     assert metrics["clients-trained"] == 2 and metrics["clients-refused"] == 1
     assert strategy.refusals[4] == ["2"]
     assert strategy.ledgers["2"] == ledger_of(2)  # a refusing client's ledger is still recorded
+
+
+def test_replies_with_broken_records_are_rejected_not_fatal(tmp_path):
+    """A buggy or hostile client must not stop the server: each broken reply is skipped with a warning."""
+    strategy = strategy_of(FedAvgLoRA, tmp_path)
+    good = client_update(strategy, 0)
+
+    def broken(change):
+        message = reply(3, good, 10)
+        change(message.content)
+        return message
+
+    def drop_metric(name):
+        return lambda c: c.__setitem__("metrics", MetricRecord({k: v for k, v in c["metrics"].items() if k != name}))
+
+    replies = [
+        broken(lambda c: c.__delitem__("metrics")),
+        broken(drop_metric("train-loss")),
+        broken(lambda c: c.__delitem__("privacy")),
+        broken(lambda c: c["privacy"].__setitem__("ledger", "{not json")),
+        broken(lambda c: c["privacy"].__setitem__("ledger", json.dumps({"history": [{"round": 1}]}))),
+        broken(lambda c: c.__setitem__("arrays", to_record({k: v.astype(np.float64) for k, v in good.items()}))),
+        reply(1, good, 10),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["clients-trained"] == 1
+    for key in good:
+        np.testing.assert_array_equal(from_record(arrays)[key], good[key])
+        assert from_record(arrays)[key].dtype == np.float32
 
 
 def test_no_usable_reply_leaves_the_global_adapter_unchanged(tmp_path):

@@ -26,6 +26,17 @@ class PrivacyStep:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, row: object) -> "PrivacyStep":
+        """Inverse of `to_dict` for rows read from JSON; ValueError unless every field is a valid number."""
+        if not isinstance(row, dict) or set(row) != {"round", "noise_multiplier", "sample_rate", "steps"}:
+            raise ValueError(f"a history row needs exactly round, noise_multiplier, sample_rate, steps: {row!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
+            raise ValueError(f"history row values must be numbers: {row!r}")
+        if row["noise_multiplier"] < 0 or not 0 < row["sample_rate"] <= 1 or row["steps"] < 0:
+            raise ValueError(f"history row out of range: {row!r}")
+        return cls(int(row["round"]), float(row["noise_multiplier"]), float(row["sample_rate"]), int(row["steps"]))
+
 
 def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
     """The rate Opacus' DPDataLoader uses for a loader of this batch size: 1 / len(loader)."""

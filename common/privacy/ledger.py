@@ -40,7 +40,7 @@ class PrivacyLedger:
                 f"{self.path} was kept at delta={data['delta']} with {data['accountant']}; "
                 f"this run asks delta={self.delta} with {self.accountant}: use a new run-dir"
             )
-        self.history = [PrivacyStep(**row) for row in data["history"]]
+        self.history = [PrivacyStep.from_dict(row) for row in data["history"]]
 
     def epsilon(self) -> float:
         return epsilon_of(self.history, self.delta, self.accountant)

@@ -22,11 +22,14 @@ from flwr.serverapp.strategy import FedAvg
 from common.errors import ConfigError
 from common.logs import get_logger
 from common.payload import from_record, to_record
+from common.privacy import PrivacyStep
 from server.aggregation import weighted_mean
 
 log = get_logger("server")
 
 NODE_WAIT_SECONDS = 300.0
+# What a training reply's metrics must carry for the round summary (see client/client_app.py).
+REQUIRED_METRICS = ("num-examples", "train-loss", "first-loss", "epsilon")
 
 
 def factor_of(key: str) -> str:
@@ -52,6 +55,7 @@ class LoRAStrategy(FedAvg):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.ledgers: dict[str, dict] = {}
         self.refusals: dict[int, list[str]] = {}
+        self.last_bytes_down = 0
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,17 +104,16 @@ class LoRAStrategy(FedAvg):
                             reply.error.reason)
                 continue
             content = reply.content
-            privacy = content.config_records.get("privacy")
-            if privacy is not None:
-                self.ledgers[str(privacy["client-id"])] = json.loads(str(privacy["ledger"]))
-            reply_metrics = content["metrics"]
-            client = str(privacy["client-id"]) if privacy is not None else str(reply.metadata.src_node_id)
-            if int(reply_metrics.get("refused", 0)):
+            client, ledger, problem = self._read_privacy(content, str(reply.metadata.src_node_id))
+            if ledger is not None:
+                self.ledgers[client] = ledger
+            reply_metrics = content.metric_records.get("metrics")
+            if not problem and reply_metrics is not None and reply_metrics.get("refused", 0):
                 refused.append(client)
                 log.warning("round %d: client %s refused to train (%s)", server_round, client,
-                            privacy.get("reason", "") if privacy is not None else "")
+                            content["privacy"].get("reason", ""))
                 continue
-            problem = self._check_reply(content)
+            problem = problem or self._check_reply(content)
             if problem:
                 log.warning("round %d: rejected reply of client %s: %s", server_round, client, problem)
                 continue
@@ -135,8 +138,31 @@ class LoRAStrategy(FedAvg):
         return to_record(new_global), MetricRecord(summary)
 
     # ---- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _read_privacy(content: RecordDict, node: str) -> tuple[str, dict | None, str]:
+        """(client id, its ledger, problem): the `privacy` record every reply must carry."""
+        privacy = content.config_records.get("privacy")
+        if privacy is None or "client-id" not in privacy:
+            return node, None, "no privacy record with a client-id"
+        client = str(privacy["client-id"])
+        try:
+            ledger = json.loads(str(privacy.get("ledger", "")))
+        except json.JSONDecodeError:
+            return client, None, "its ledger is not valid JSON"
+        try:
+            for row in ledger["history"]:
+                PrivacyStep.from_dict(row)
+        except (TypeError, KeyError, ValueError) as err:
+            return client, None, f"its ledger has no valid history ({err})"
+        return client, ledger, ""
+
     def _check_reply(self, content: RecordDict) -> str:
         """Why a training reply cannot be averaged, or "" if it can."""
+        if "metrics" not in content.metric_records:
+            return "no metrics"
+        missing = [k for k in REQUIRED_METRICS if k not in content["metrics"]]
+        if missing:
+            return f"metrics lack {', '.join(missing)}"
         if "arrays" not in content.array_records:
             return "no arrays"
         payload = from_record(content["arrays"])
@@ -145,11 +171,13 @@ class LoRAStrategy(FedAvg):
             missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
             return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
         for key, value in payload.items():
-            if value.shape != self.global_arrays[key].shape:
-                return f"{key} has shape {value.shape}, expected {self.global_arrays[key].shape}"
+            reference = self.global_arrays[key]
+            if value.shape != reference.shape or value.dtype != reference.dtype:
+                return (f"{key} is {value.dtype}{list(value.shape)}, expected "
+                        f"{reference.dtype}{list(reference.shape)}")
             if not np.all(np.isfinite(value)):
                 return f"{key} contains NaN or Inf"
-        examples = content["metrics"].get("num-examples", 0)
+        examples = content["metrics"]["num-examples"]
         if not examples or examples <= 0:
             return f"num-examples = {examples}"
         return ""
