@@ -100,6 +100,10 @@ def plot_epsilon(report: dict, path: Path) -> None:
     targets = {c["target_epsilon"] for c in report["clients"] if c["target_epsilon"] is not None}
     for target in targets:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
     ax.set_ylabel(f"epsilon (delta={report['delta']:g}, {report['accountant']})")
     ax.set_title("Privacy spent per client")
