@@ -92,10 +92,25 @@ def train_locally(
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
             noise_generator=noise_generator or fresh_generator(device), grad_sample_mode=dp.grad_sample_mode,
         )
+    with warnings.catch_warnings():
+        # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
+        # torch warning on every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding)
+    if hasattr(model, "_close"):
+        model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
+    finite = [x for x in losses if x == x]
+    return LocalResult(
+        steps=len(losses),
+        mean_loss=sum(finite) / max(len(finite), 1),
+        first_loss=finite[0] if finite else float("nan"),
+        sample_rate=sample_rate,
+    )
+
+
+def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool) -> list[float]:
+    """The loss of each of `steps` optimizer steps (NaN for an empty Poisson batch)."""
     losses: list[float] = []
-    # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
-    # torch warning on every step.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
             if trim_padding:
@@ -113,12 +128,4 @@ def train_locally(
                 losses.append(float(loss.detach()))
             if len(losses) == steps:
                 break
-    if hasattr(model, "_close"):
-        model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
-    finite = [x for x in losses if x == x]
-    return LocalResult(
-        steps=len(losses),
-        mean_loss=sum(finite) / max(len(finite), 1),
-        first_loss=finite[0] if finite else float("nan"),
-        sample_rate=sample_rate,
-    )
+    return losses

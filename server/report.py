@@ -90,6 +90,7 @@ def plot_epsilon(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for client in report["clients"]:
@@ -100,8 +101,6 @@ def plot_epsilon(report: dict, path: Path) -> None:
     targets = {c["target_epsilon"] for c in report["clients"] if c["target_epsilon"] is not None}
     for target in targets:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("round")
