@@ -16,7 +16,7 @@ fi
 
 stamp=.venv/.fedlora-installed
 if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  echo "setup: installing pinned dependencies into .venv (first time: about 2-3 minutes)"
+  echo "setup: installing pinned dependencies into .venv (first time: about 3-4 minutes)"
   .venv/bin/pip install --disable-pip-version-check -q -c constraints.txt -r requirements.txt 2>&1 \
     | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import torch, flwr, opacus, transformers, peft" \

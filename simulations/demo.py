@@ -22,7 +22,7 @@ from common.config import RunConfig
 from common.data.partition import client_data, global_test_set
 from common.errors import ConfigError, exit_on_user_error
 from common.model import resolve_model_path
-from simulations.flower_sim import APP_DIR, flwr_run, simulation_superlink
+from simulations.flower_sim import APP_DIR, flwr_run, gpu_share, simulation_superlink
 
 
 def default_run_config() -> dict:
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides["run-dir"] = str(run_dir)
     print(f"fedlora: starting a simulation SuperLink and `flwr run` (run directory {run_dir})", flush=True)
     with simulation_superlink() as env:
-        code = flwr_run(env, overrides, num_supernodes=args.num_clients)
+        code = flwr_run(env, overrides, num_supernodes=args.num_clients,
+                        gpus_per_client=gpu_share(args.num_clients))
     if code != 0 or not (run_dir / "privacy.json").exists():
         print(f"error: the federated run did not finish (flwr exit code {code}); see the log above",
               file=sys.stderr)

@@ -94,15 +94,31 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: int = 1) -> int:
+def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: int = 1,
+             gpus_per_client: float = 0.0) -> int:
     """`flwr run . fedlora-sim --stream` with these run-config overrides; returns its exit code."""
     overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
     command = [
         _bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
         "--run-config", overrides,
-        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        "--federation-config", federation_config(num_supernodes, cpus_per_client, gpus_per_client),
     ]
     return subprocess.call(command, env=env, cwd=APP_DIR)
+
+
+def federation_config(num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> str:
+    """Simulation resources. Ray hides the GPU from a ClientApp that asks for none, so ask for a share."""
+    config = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client > 0:
+        config += f" client-resources-num-gpus={gpus_per_client:g}"
+    return config
+
+
+def gpu_share(num_supernodes: int) -> float:
+    """Each simulated client's share of the GPU (0 without one): all clients fit on it at once."""
+    import torch
+
+    return round(1.0 / num_supernodes, 4) if torch.cuda.is_available() else 0.0
 
 
 def _toml(value) -> str:
