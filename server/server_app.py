@@ -24,7 +24,7 @@ from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.report import build_report, write_report
-from server.strategies import get_strategy
+from server.strategies import check_compatible, get_strategy
 
 app = ServerApp()
 log = get_logger("server")
@@ -70,6 +70,7 @@ def run(grid: Grid, context: Context) -> Path:
     started = time.time()
     config = RunConfig.from_flower(context.run_config)
     strategy_class = get_strategy(config.strategy)
+    check_compatible(config.strategy, config.adapter)
     run_dir = resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, default=str))

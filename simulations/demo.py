@@ -17,7 +17,6 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common.adapters import get_adapter
 from common.config import RunConfig
 from common.data.partition import client_data, global_test_set
 from common.errors import ConfigError, exit_on_user_error
@@ -41,10 +40,9 @@ def parse_overrides(values: list[str]) -> dict:
 
 def validate(config: RunConfig, num_clients: int) -> None:
     """Everything a user can get wrong, checked before any process starts."""
-    from server.strategies import get_strategy
+    from server.strategies import check_compatible
 
-    get_strategy(config.strategy)
-    get_adapter(config.adapter)
+    check_compatible(config.strategy, config.adapter)
     if config.clients_per_round > num_clients:
         raise ConfigError(f"clients-per-round = {config.clients_per_round} exceeds --num-clients {num_clients}")
     model = config.model

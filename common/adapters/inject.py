@@ -27,6 +27,13 @@ def inject_adapters(model: nn.Module, config: RunConfig) -> list[str]:
             f"target-modules {config.target_modules!r} match no linear layer; this model has: {', '.join(linear)}"
         )
     for name in names:
+        layer = model.get_submodule(name)
+        if config.rank > min(layer.in_features, layer.out_features):
+            raise ConfigError(
+                f"rank = {config.rank} exceeds layer {name} ({layer.out_features} x {layer.in_features}); "
+                f"use rank <= {min(layer.in_features, layer.out_features)}"
+            )
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, kind.wrap(getattr(parent, child), adapter_config, name))

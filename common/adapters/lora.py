@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.adapters.base import AdapterLayer
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -29,13 +31,11 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen `nn.Linear` plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, config: LoRAConfig, name: str):
-        super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
+        super().__init__(base)
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base.in_features, config.rank, bias=False)
@@ -57,10 +57,15 @@ class LoRALinear(nn.Module):
         """s * B A, the dense update this adapter adds to the base weight (d_out x d_in)."""
         return self.scaling * self.lora_B.weight @ self.lora_A.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
 
 def seed_for(seed: int, name: str) -> int:
     """A per-module seed that does not depend on the order modules are visited in."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def lora_trainable_count(d_out: int, d_in: int, config: LoRAConfig) -> int:
+    """r (d_in + d_out): A is r x d_in, B is d_out x r."""
+    return config.rank * (d_in + d_out)

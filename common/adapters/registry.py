@@ -1,4 +1,9 @@
-"""Adapter registry: a run config names an adapter; nothing else in the code base names a method."""
+"""Adapter registry: a run config names an adapter; nothing else in the code base names a method.
+
+Each entry says how to build the adapter from the run config, which of its factors train (and so
+travel each round), whether averaging those factors is exactly averaging the clients' ΔW, and the
+closed-form trainable parameter count per adapted layer.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ from typing import Callable
 
 from torch import nn
 
-from common.adapters.lora import LoRAConfig, LoRALinear
+from common.adapters.base import AdapterLayer
+from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
+from common.adapters.lora_xs import LoRAXSConfig, LoRAXSLinear, lora_xs_trainable_count
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -17,8 +24,10 @@ class AdapterKind:
     """How to build one adapter family from the run config and wrap a base `nn.Linear` with it."""
 
     make_config: Callable[[RunConfig], object]
-    wrap: Callable[[nn.Linear, object, str], nn.Module]
-    factor_names: tuple[str, ...]  # trainable sub-modules, e.g. ("lora_A", "lora_B")
+    wrap: Callable[[nn.Linear, object, str], AdapterLayer]
+    trainable_factors: tuple[str, ...]  # trainable sub-modules, e.g. ("lora_A", "lora_B")
+    exact_averaging: bool  # mean of the trained factors == mean of the clients' ΔW
+    trainable_count: Callable[[int, int, object], int]  # (d_out, d_in, adapter config) -> parameters
 
 
 ADAPTERS: dict[str, AdapterKind] = {
@@ -28,7 +37,16 @@ ADAPTERS: dict[str, AdapterKind] = {
             seed=c.seed,
         ),
         wrap=LoRALinear,
-        factor_names=("lora_A", "lora_B"),
+        trainable_factors=("lora_A", "lora_B"),
+        exact_averaging=False,  # mean(B) mean(A) != mean(B A); FFA-LoRA and FedSVD train B only
+        trainable_count=lora_trainable_count,
+    ),
+    "lora_xs": AdapterKind(
+        make_config=lambda c: LoRAXSConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names),
+        wrap=LoRAXSLinear,
+        trainable_factors=("lora_R",),
+        exact_averaging=True,
+        trainable_count=lora_xs_trainable_count,
     ),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.adapters import get_adapter
 from common.errors import ConfigError
 from server.strategies.base import LoRAStrategy
 from server.strategies.fedavg_lora import FedAvgLoRA
@@ -21,4 +22,17 @@ def get_strategy(name: str) -> type[LoRAStrategy]:
     return STRATEGIES[name]
 
 
-__all__ = ["STRATEGIES", "LoRAStrategy", "get_strategy"]
+def check_compatible(strategy: str, adapter: str) -> None:
+    """A strategy whose math needs LoRA's A and B cannot run an adapter that trains other factors."""
+    needed = set(get_strategy(strategy).required_factors)
+    kind = get_adapter(adapter)
+    if not needed <= set(kind.trainable_factors):
+        trained = set(kind.trainable_factors)
+        fits = sorted(name for name, cls in STRATEGIES.items() if set(cls.required_factors) <= trained)
+        raise ConfigError(
+            f"strategy {strategy!r} needs an adapter with {' and '.join(sorted(needed))}; adapter {adapter!r} "
+            f"trains {', '.join(kind.trainable_factors)}: use strategy {' or '.join(repr(f) for f in fits)}"
+        )
+
+
+__all__ = ["STRATEGIES", "LoRAStrategy", "check_compatible", "get_strategy"]

@@ -43,6 +43,7 @@ class LoRAStrategy(FedAvg):
 
     frozen_factors: tuple[str, ...] = ()
     static_factors: tuple[str, ...] = ()
+    required_factors: tuple[str, ...] = ()  # adapter factors the strategy's math needs
 
     def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, evaluate_clients: bool = True):
         super().__init__(

@@ -16,6 +16,7 @@ from server.strategies.base import LoRAStrategy
 
 class FedSVD(LoRAStrategy):
     frozen_factors = ("lora_A",)
+    required_factors = ("lora_A", "lora_B")
 
     def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(arrays)

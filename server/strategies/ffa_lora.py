@@ -9,4 +9,5 @@ from server.strategies.base import LoRAStrategy
 
 class FFALoRA(LoRAStrategy):
     frozen_factors = ("lora_A",)
+    required_factors = ("lora_A", "lora_B")
     static_factors = ("lora_A",)

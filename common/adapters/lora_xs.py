@@ -1,0 +1,62 @@
+"""LoRA-XS (Bałazy et al. 2024): W0 x + s * B R A x with B, A frozen from the truncated SVD of W0.
+
+B = U_r Σ_r (d_out x r) and A = V_rᵀ (r x d_in) come from the top-r SVD of the layer's own pretrained
+weight, computed in float64 on the CPU with canonical signs, so every party rebuilds identical frozen
+factors from the shared base model and nothing but the r x r core R ever travels. ΔW is linear in R,
+so averaging the clients' R is exactly averaging their ΔW: any example-weighted mean is exact.
+Decisions: R starts at 0 (the paper draws it from a small Gaussian) so training starts exactly at W0;
+the scale is s = alpha / r as for LoRA. The gradient of R is nonzero at R = 0 (B and A are not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.adapters.base import AdapterLayer, frozen_linear
+
+
+@dataclass(frozen=True)
+class LoRAXSConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAXSLinear(AdapterLayer):
+    def __init__(self, base: nn.Linear, config: LoRAXSConfig, name: str):
+        super().__init__(base)
+        self.scaling = config.scaling
+        b, a = truncated_svd_factors(base.weight.detach(), config.rank)
+        self.frozen_A = frozen_linear(a, base)
+        self.lora_R = nn.Linear(config.rank, config.rank, bias=False)
+        self.lora_R.to(device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            self.lora_R.weight.zero_()
+        self.frozen_B = frozen_linear(b, base)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.frozen_B.weight @ self.lora_R.weight @ self.frozen_A.weight
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * self.frozen_B(self.lora_R(self.frozen_A(x)))
+
+
+def truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r Σ_r, V_rᵀ) of `weight`, each rank-1 pair signed so V_r's largest-magnitude entry is positive."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(device="cpu", dtype=torch.float64), full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    pivots = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    signs = torch.where(pivots < 0, -1.0, 1.0).to(torch.float64)
+    return (u * (s * signs)).float(), (vh * signs[:, None]).float()
+
+
+def lora_xs_trainable_count(d_out: int, d_in: int, config: LoRAXSConfig) -> int:
+    """r²: only the core R trains."""
+    return config.rank * config.rank

@@ -1,0 +1,181 @@
+"""One table over every registered adapter: the properties each must have to be federated under DP.
+
+A new adapter gets every check here by being registered; nothing below names a method except to pick
+the adapters' expected behaviour from the registry itself.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from torch import nn
+
+from common.adapters import ADAPTERS, get_adapter
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.payload import from_record, load_state, to_record, trainable_state
+from server.aggregation import weighted_mean
+from server.strategies import STRATEGIES, check_compatible
+
+D_IN, D_OUT, RANK, TOKENS, CLASSES = 12, 10, 3, 4, 5
+NAMES = sorted(ADAPTERS)
+
+
+def base_linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(D_IN, D_OUT)
+
+
+def adapter_layer(name: str, base: nn.Linear | None = None):
+    kind = get_adapter(name)
+    config = kind.make_config(RunConfig(adapter=name, rank=RANK, alpha=6.0))
+    return kind.wrap(base if base is not None else base_linear(), config, "encoder.layer.0.query"), config
+
+
+def randomize_trainables(layer: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def inputs(n: int = 6) -> torch.Tensor:
+    return torch.randn(n, TOKENS, D_IN, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_fresh_adapter_leaves_the_base_output_unchanged(name):
+    layer, _ = adapter_layer(name)
+    x = inputs()
+    torch.testing.assert_close(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_matches_the_branch_and_unmerge_restores_the_base_weight(name):
+    layer, _ = adapter_layer(name)
+    randomize_trainables(layer, seed=2)
+    w0 = layer.base.weight.detach().clone()
+    x = inputs()
+    unmerged = layer(x)
+    assert (unmerged - layer.base(x)).abs().max() > 1e-3, "the randomized adapter must change the output"
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base.weight - w0, layer.delta_weight(), atol=1e-6, rtol=1e-5)
+    layer.merge()  # idempotent
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trainable_tensors_and_count_match_the_declaration(name):
+    kind = get_adapter(name)
+    layer, config = adapter_layer(name)
+    trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    assert set(trainable) == {f"{factor}.weight" for factor in kind.trainable_factors}
+    assert sum(p.numel() for p in trainable.values()) == kind.trainable_count(D_OUT, D_IN, config)
+    assert not list(layer.buffers()), "Opacus: a module with trainable parameters must not own buffers"
+
+
+class Probe(nn.Module):
+    """adapter -> mean over tokens -> frozen head: a per-example loss for gradient checks."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(D_OUT, CLASSES).requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(dim=1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opacus_per_sample_gradients_equal_one_example_at_a_time(name):
+    layer, _ = adapter_layer(name)
+    randomize_trainables(layer, seed=3)
+    probe = Probe(layer)
+    reference = copy.deepcopy(probe)
+    x, y = inputs(), torch.arange(6) % CLASSES
+    wrapped = GradSampleModule(probe, batch_first=True, loss_reduction="sum", force_functorch=False)
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    params = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    samples = dict(probe.named_parameters())
+    for i in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]), [p for _, p in params])
+        for (param_name, _), grad in zip(params, grads):
+            torch.testing.assert_close(samples[param_name].grad_sample[i], grad, atol=1e-5, rtol=1e-4,
+                                       msg=f"{name}: per-sample gradient of {param_name}, example {i}")
+    wrapped._close()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_payload_round_trip_is_lossless(name):
+    sender, _ = adapter_layer(name)
+    randomize_trainables(sender, seed=4)
+    receiver, _ = adapter_layer(name)
+    load_state(receiver, from_record(to_record(trainable_state(sender))))
+    x = inputs()
+    torch.testing.assert_close(receiver(x), sender(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_averaging_is_exact_exactly_when_declared(name):
+    """Exact adapters: the layer built from averaged payloads has the average of the clients' ΔW."""
+    kind = get_adapter(name)
+    clients, weights = [], [1.0, 2.0, 5.0]
+    for seed in range(3):
+        layer, _ = adapter_layer(name)
+        randomize_trainables(layer, seed=10 + seed)
+        clients.append(layer)
+    averaged_layer, _ = adapter_layer(name)
+    load_state(averaged_layer, weighted_mean([trainable_state(c) for c in clients], weights))
+    mean_delta = sum(w * c.delta_weight() for c, w in zip(clients, weights)) / sum(weights)
+    gap = float((averaged_layer.delta_weight() - mean_delta).abs().max())
+    if kind.exact_averaging:
+        assert gap < 1e-5
+    else:
+        assert gap > 1e-3, f"{name} is declared inexact but averaged exactly; declare it exact"
+
+
+def test_unknown_adapter_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown adapter 'loha'; available: " + ", ".join(NAMES)):
+        get_adapter("loha")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rank_larger_than_the_layer_is_a_config_error(name):
+    from common.adapters import inject_adapters
+
+    model = nn.Sequential()
+    model.add_module("query", nn.Linear(4, 6))
+    with pytest.raises(ConfigError, match="rank = 5 exceeds layer query \\(6 x 4\\); use rank <= 4"):
+        inject_adapters(model, RunConfig(adapter=name, rank=5, target_modules="query"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_adapter_has_a_strategy_and_incompatible_pairs_are_refused(name):
+    kind = get_adapter(name)
+    usable = [s for s, cls in STRATEGIES.items() if set(cls.required_factors) <= set(kind.trainable_factors)]
+    assert usable, f"no strategy can aggregate {name}"
+    for strategy in STRATEGIES:
+        if strategy in usable:
+            check_compatible(strategy, name)
+        else:
+            with pytest.raises(ConfigError, match=f"strategy '{strategy}' needs an adapter with lora_A and lora_B"):
+                check_compatible(strategy, name)
+
+
+def test_lora_xs_frozen_factors_are_the_truncated_svd_of_w0():
+    layer, _ = adapter_layer("lora_xs")
+    w0 = layer.base.weight.detach().double()
+    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+    a, b = layer.frozen_A.weight.double(), layer.frozen_B.weight.double()
+    torch.testing.assert_close(a @ a.T, torch.eye(RANK, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b @ a, (u[:, :RANK] * s[:RANK]) @ vh[:RANK], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(adapter_layer("lora_xs")[0].frozen_A.weight.numpy(), a.float().numpy())
