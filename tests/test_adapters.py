@@ -81,6 +81,10 @@ def test_trainable_tensors_and_count_match_the_declaration(name):
     assert set(trainable) == {f"{factor}.weight" for factor in kind.trainable_factors}
     assert sum(p.numel() for p in trainable.values()) == kind.trainable_count(D_OUT, D_IN, config)
     assert not list(layer.buffers()), "Opacus: a module with trainable parameters must not own buffers"
+    for module in layer.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            assert type(module) in GradSampleModule.GRAD_SAMPLERS, (
+                f"{type(module).__name__} has no registered Opacus grad sampler (slow functorch fallback)")
 
 
 class Probe(nn.Module):
@@ -179,3 +183,13 @@ def test_lora_xs_frozen_factors_are_the_truncated_svd_of_w0():
     torch.testing.assert_close(a @ a.T, torch.eye(RANK, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(b @ a, (u[:, :RANK] * s[:RANK]) @ vh[:RANK], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(adapter_layer("lora_xs")[0].frozen_A.weight.numpy(), a.float().numpy())
+
+
+def test_svfit_trains_the_top_singular_values_of_w0():
+    """With δ = σ_r the update is the best rank-r approximation U_r Σ_r V_rᵀ of W0 (Eckart-Young)."""
+    layer, _ = adapter_layer("svfit")
+    w0 = layer.base.weight.detach().double()
+    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+    with torch.no_grad():
+        layer.lora_S.weight.copy_(s[:RANK].float())
+    torch.testing.assert_close(layer.delta_weight().double(), (u[:, :RANK] * s[:RANK]) @ vh[:RANK], atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ from torch import nn
 from common.adapters.base import AdapterLayer
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
 from common.adapters.lora_xs import LoRAXSConfig, LoRAXSLinear, lora_xs_trainable_count
+from common.adapters.svfit import SVFitConfig, SVFitLinear, svfit_trainable_count
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -47,6 +48,13 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("lora_R",),
         exact_averaging=True,
         trainable_count=lora_xs_trainable_count,
+    ),
+    "svfit": AdapterKind(
+        make_config=lambda c: SVFitConfig(rank=c.rank, target_modules=c.target_module_names),
+        wrap=SVFitLinear,
+        trainable_factors=("lora_S",),
+        exact_averaging=True,
+        trainable_count=svfit_trainable_count,
     ),
 }
 
