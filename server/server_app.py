@@ -1,7 +1,8 @@
 """The Flower ServerApp: build the strategy from the run config, run the rounds, write the run directory.
 
 RUN_DIR gets `metrics.json` (per-round accuracy, loss, bytes), `adapter.safetensors` (the final global
-adapter and head), `run_config.json`, and the privacy report (`privacy.json`, `.md`, `.png`).
+adapter and head), `run_config.json`, `labels.json` (label names by class index), and the privacy
+report (`privacy.json`, `.md`, `.png`). `python -m server.export RUN_DIR` turns it into a model.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class GlobalEvaluator:
 
     def __init__(self, config: RunConfig):
         test = global_test_set(config)
+        self.label_names = list(test.label_names)
         self.adapted = build_model(config, num_labels=len(test.label_names))
         self.data = encode(self.adapted.tokenizer, test, config.max_seq_len)
         self.batch_size = config.eval_batch_size
@@ -77,6 +79,7 @@ def run(grid: Grid, context: Context) -> Path:
     log.info("run directory: %s", run_dir)
 
     evaluator = GlobalEvaluator(config)
+    (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
     strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir))
     result = strategy.start(grid=grid, initial_arrays=to_record(evaluator.initial_arrays()),
                             num_rounds=config.num_rounds, evaluate_fn=evaluator)

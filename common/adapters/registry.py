@@ -29,6 +29,15 @@ class AdapterKind:
     trainable_factors: tuple[str, ...]  # trainable sub-modules, e.g. ("lora_A", "lora_B")
     exact_averaging: bool  # mean of the trained factors == mean of the clients' ΔW
     trainable_count: Callable[[int, int, object], int]  # (d_out, d_in, adapter config) -> parameters
+    # (run config, head module names) -> the equivalent PEFT config, or None where PEFT has no such method
+    peft_config: Callable[[RunConfig, list[str]], object] | None = None
+
+
+def lora_peft_config(config: RunConfig, heads: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_module_names), modules_to_save=heads, bias="none")
 
 
 ADAPTERS: dict[str, AdapterKind] = {
@@ -41,6 +50,7 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("lora_A", "lora_B"),
         exact_averaging=False,  # mean(B) mean(A) != mean(B A); FFA-LoRA and FedSVD train B only
         trainable_count=lora_trainable_count,
+        peft_config=lora_peft_config,
     ),
     "lora_xs": AdapterKind(
         make_config=lambda c: LoRAXSConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names),

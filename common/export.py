@@ -1,0 +1,84 @@
+"""A trained adapter as something other tools load: a merged `transformers` model, or a PEFT adapter.
+
+Merging folds each layer's ΔW into its frozen base weight and puts the plain `nn.Linear` back, so the
+result is the original architecture with new weights: `from_pretrained` loads it, no fedlora needed.
+Adapters whose math PEFT has (plain LoRA) can also be written as a PEFT adapter directory, through
+PEFT's own serializer, so `PeftModel.from_pretrained` gives the same logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from common.adapters.base import AdapterLayer
+from common.adapters.registry import get_adapter
+from common.config import RunConfig
+from common.errors import ConfigError
+from common.model import AdaptedModel, build_model, resolve_model_path
+from common.payload import load_state
+
+
+def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str]) -> AdaptedModel:
+    """The run's model with the global adapter and head loaded, labels named, in eval mode."""
+    adapted = build_model(config, num_labels=len(labels))
+    load_state(adapted.model, arrays)
+    adapted.model.config.id2label = dict(enumerate(labels))
+    adapted.model.config.label2id = {label: i for i, label in enumerate(labels)}
+    adapted.model.eval()
+    return adapted
+
+
+def merge_into_base(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer by its base `nn.Linear` with ΔW merged in (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdapterLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    model.requires_grad_(False)
+    return model
+
+
+def export_merged(adapted: AdaptedModel, out_dir: Path) -> Path:
+    merged = merge_into_base(adapted.model)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    adapted.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path:
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    kind = get_adapter(config.adapter)
+    if kind.peft_config is None:
+        raise ConfigError(f"adapter {config.adapter!r} has no PEFT equivalent; export the merged model instead")
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    heads = sorted({name.rsplit(".", 1)[0] for name in adapted.head_parameters})
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(config.model), num_labels=adapted.model.config.num_labels)
+    peft_model = get_peft_model(base, kind.peft_config(config, heads))
+    ours = dict(adapted.model.named_parameters())
+    filled = set()
+    for name, parameter in peft_model.named_parameters():
+        key = peft_key_to_ours(name)
+        if parameter.requires_grad:
+            if key not in ours:
+                raise ConfigError(f"PEFT parameter {name} has no counterpart in the fedlora model")
+            parameter.data.copy_(ours[key].data)
+            filled.add(key)
+    missing = {n for n, p in ours.items() if p.requires_grad} - filled
+    if missing:
+        raise ConfigError(f"PEFT export would drop trained tensors: {sorted(missing)[:3]}")
+    peft_model.save_pretrained(out_dir)
+    adapted.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_key_to_ours(name: str) -> str:
+    """`base_model.model.x.lora_A.default.weight` -> `x.lora_A.weight`; the same for modules_to_save."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")

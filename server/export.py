@@ -1,0 +1,48 @@
+"""Export a finished run's global adapter as a model other tools load.
+
+    python -m server.export RUN_DIR [--out DIR] [--peft]
+
+Writes DIR (default RUN_DIR/merged) with the adapter merged into the base weights: a plain
+`transformers` model plus tokenizer, loadable with `AutoModelForSequenceClassification.from_pretrained`.
+With `--peft` it also writes RUN_DIR/peft, a PEFT adapter for `PeftModel.from_pretrained` (LoRA only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import FedloraError, exit_on_user_error
+from common.export import adapted_with, export_merged, export_peft
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, dict, list[str]]:
+    """The run config, the final global arrays and the label names a finished run left behind."""
+    from safetensors.numpy import load_file
+
+    needed = ["run_config.json", "adapter.safetensors", "labels.json"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise FedloraError(f"{run_dir} lacks {', '.join(missing)}: give the run directory of a finished run")
+    config = RunConfig.from_flower(json.loads((run_dir / "run_config.json").read_text()))
+    return config, load_file(str(run_dir / "adapter.safetensors")), json.loads((run_dir / "labels.json").read_text())
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the run directory printed at the end of a run")
+    parser.add_argument("--out", type=Path, help="where to write the merged model (default RUN_DIR/merged)")
+    parser.add_argument("--peft", action="store_true", help="also write RUN_DIR/peft (LoRA adapters only)")
+    args = parser.parse_args(argv)
+    config, arrays, labels = load_run(args.run_dir)
+    if args.peft:
+        print(f"PEFT adapter: {export_peft(config, adapted_with(config, arrays, labels), args.run_dir / 'peft')}")
+    out = export_merged(adapted_with(config, arrays, labels), args.out or args.run_dir / "merged")
+    print(f"merged model: {out}")
+
+
+if __name__ == "__main__":
+    main()
