@@ -193,3 +193,16 @@ def test_svfit_trains_the_top_singular_values_of_w0():
     with torch.no_grad():
         layer.lora_S.weight.copy_(s[:RANK].float())
     torch.testing.assert_close(layer.delta_weight().double(), (u[:, :RANK] * s[:RANK]) @ vh[:RANK], atol=1e-5, rtol=0)
+
+
+def test_loldu_bases_are_the_lu_factors_of_w0():
+    """At full rank, P L diag(D) U rebuilds W0 exactly; at rank r the bases are its leading part."""
+    from common.adapters.loldu import lu_bases
+
+    w0 = base_linear().weight.detach()
+    left, right, pivots = lu_bases(w0, min(D_IN, D_OUT))
+    torch.testing.assert_close((left * pivots) @ right, w0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.diagonal(right), torch.ones(min(D_IN, D_OUT)))  # unit-upper
+    layer, _ = adapter_layer("loldu")
+    torch.testing.assert_close(layer.frozen_left.weight, left[:, :RANK])
+    torch.testing.assert_close(layer.frozen_right.weight, right[:RANK])

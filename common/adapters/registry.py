@@ -15,7 +15,9 @@ from torch import nn
 from common.adapters.base import AdapterLayer
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
 from common.adapters.lora_xs import LoRAXSConfig, LoRAXSLinear, lora_xs_trainable_count
-from common.adapters.svfit import SVFitConfig, SVFitLinear, svfit_trainable_count
+from common.adapters.diagonal_basis import diagonal_trainable_count
+from common.adapters.loldu import LoLDUConfig, loldu_linear
+from common.adapters.svfit import SVFitConfig, svfit_linear
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -61,10 +63,17 @@ ADAPTERS: dict[str, AdapterKind] = {
     ),
     "svfit": AdapterKind(
         make_config=lambda c: SVFitConfig(rank=c.rank, target_modules=c.target_module_names),
-        wrap=SVFitLinear,
+        wrap=svfit_linear,
         trainable_factors=("lora_S",),
         exact_averaging=True,
-        trainable_count=svfit_trainable_count,
+        trainable_count=diagonal_trainable_count,
+    ),
+    "loldu": AdapterKind(
+        make_config=lambda c: LoLDUConfig(rank=c.rank, target_modules=c.target_module_names),
+        wrap=loldu_linear,
+        trainable_factors=("lora_S",),
+        exact_averaging=True,
+        trainable_count=diagonal_trainable_count,
     ),
 }
 
