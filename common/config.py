@@ -43,6 +43,7 @@ class RunConfig:
     alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: str = "query,value"
+    nola_bases: int = 64
     strategy: str = "fedsvd"
     target_epsilon: float = 8.0
     delta: float = 1e-5
@@ -118,6 +119,7 @@ _RULES = [
     ("rank", _positive, "the adapter rank must be an integer >= 1"),
     ("alpha", lambda v: v > 0 and math.isfinite(v), "must be > 0 (scaling is alpha/rank)"),
     ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
     ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),
     ("delta", _fraction, "must be in (0, 1), typically 1e-5 or below 1/(number of examples)"),
     ("noise_multiplier", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = calibrate to target-epsilon)"),

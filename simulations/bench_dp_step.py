@@ -44,6 +44,23 @@ def seconds_per_step(config: RunConfig, data, dp: DPSettings, steps: int, warmup
     return (time.perf_counter() - start) / steps
 
 
+MODES = {"non-DP": DPSettings(noise_multiplier=None, max_grad_norm=1.0),
+         "DP-SGD (opacus hooks)": DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)}
+
+
+def compare_modes(config: RunConfig, data, steps: int, warmup: int, repeats: int, trim: bool,
+                  label: str = "") -> tuple[float, float]:
+    """Median seconds per step (non-DP, DP), the modes alternating across repeats against load drift."""
+    timings: dict[str, list[float]] = {name: [] for name in MODES}
+    for repeat in range(repeats):
+        order = list(MODES) if repeat % 2 == 0 else list(reversed(MODES))
+        for name in order:
+            timings[name].append(seconds_per_step(config, data, MODES[name], steps, warmup, repeat, trim))
+            print(f"  {label}repeat {repeat + 1}/{repeats} {name}: {timings[name][-1] * 1000:.1f} ms/step", flush=True)
+    plain, private = (statistics.median(timings[name]) for name in MODES)
+    return plain, private
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -63,17 +80,7 @@ def main() -> None:
     device = pick_device()
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} seq_len={args.seq_len} "
           f"examples={len(data)} steps={args.steps} repeats={args.repeats} trim={args.trim}", flush=True)
-    modes = {"non-DP": DPSettings(noise_multiplier=None, max_grad_norm=1.0),
-             "DP-SGD (opacus hooks)": DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)}
-    timings: dict[str, list[float]] = {name: [] for name in modes}
-    for repeat in range(args.repeats):
-        # Alternate the modes (and their order) so that drift in machine load hits both alike.
-        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
-        for name in order:
-            timings[name].append(seconds_per_step(config, data, modes[name], args.steps, args.warmup, repeat,
-                                                   args.trim))
-            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {timings[name][-1] * 1000:.1f} ms/step", flush=True)
-    plain, private = (statistics.median(timings[name]) for name in modes)
+    plain, private = compare_modes(config, data, args.steps, args.warmup, args.repeats, args.trim)
     print(f"non-DP: {plain * 1000:.1f} ms/step (median of {args.repeats})")
     print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step (median of {args.repeats})")
     print(f"dp_step_ratio={private / plain:.3f}")

@@ -206,3 +206,21 @@ def test_loldu_bases_are_the_lu_factors_of_w0():
     layer, _ = adapter_layer("loldu")
     torch.testing.assert_close(layer.frozen_left.weight, left[:, :RANK])
     torch.testing.assert_close(layer.frozen_right.weight, right[:RANK])
+
+
+def test_nola_bases_are_rebuilt_from_the_seed_and_only_coefficients_train():
+    first, config = adapter_layer("nola")
+    again, _ = adapter_layer("nola")
+    torch.testing.assert_close(first.nola_A.bases, again.nola_A.bases, atol=0, rtol=0)
+    other = get_adapter("nola").wrap(base_linear(), config, "encoder.layer.1.query")
+    assert (other.nola_A.bases - first.nola_A.bases).abs().max() > 0.01, "each layer gets its own bases"
+    randomize_trainables(first, seed=5)
+    a = torch.einsum("k,koi->oi", first.nola_A.weight, first.nola_A.bases)
+    b = torch.einsum("k,koi->oi", first.nola_B.weight, first.nola_B.bases)
+    torch.testing.assert_close(first.delta_weight(), config.scaling * b @ a)
+    assert first.nola_A.bases.shape == (config.num_bases, RANK, D_IN)
+
+
+def test_nola_basis_count_of_zero_is_a_config_error():
+    with pytest.raises(ConfigError, match="nola-bases = 0 is invalid"):
+        RunConfig.from_flower({"adapter": "nola", "nola-bases": 0})

@@ -17,6 +17,7 @@ from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
 from common.adapters.lora_xs import LoRAXSConfig, LoRAXSLinear, lora_xs_trainable_count
 from common.adapters.diagonal_basis import diagonal_trainable_count
 from common.adapters.loldu import LoLDUConfig, loldu_linear
+from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -74,6 +75,14 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("lora_S",),
         exact_averaging=True,
         trainable_count=diagonal_trainable_count,
+    ),
+    "nola": AdapterKind(
+        make_config=lambda c: NOLAConfig(rank=c.rank, alpha=c.alpha, num_bases=c.nola_bases,
+                                         target_modules=c.target_module_names, seed=c.seed),
+        wrap=NOLALinear,
+        trainable_factors=("nola_A", "nola_B"),
+        exact_averaging=False,  # ΔW is bilinear in the two coefficient vectors
+        trainable_count=nola_trainable_count,
     ),
 }
 
