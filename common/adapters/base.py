@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 
+class ScaledByAlphaOverRank:
+    """Mixin for adapter configs with `rank` and `alpha`: the update is scaled by s = alpha / rank."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
 class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()

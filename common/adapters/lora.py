@@ -15,20 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.adapters.base import AdapterLayer
+from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(ScaledByAlphaOverRank):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
     seed: int = 42
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(AdapterLayer):

@@ -15,18 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.adapters.base import AdapterLayer, frozen_linear
+from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank, frozen_linear
 
 
 @dataclass(frozen=True)
-class LoRAXSConfig:
+class LoRAXSConfig(ScaledByAlphaOverRank):
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("query", "value")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRAXSLinear(AdapterLayer):

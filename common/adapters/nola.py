@@ -16,21 +16,17 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from common.adapters.base import AdapterLayer
+from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank
 from common.adapters.lora import seed_for
 
 
 @dataclass(frozen=True)
-class NOLAConfig:
+class NOLAConfig(ScaledByAlphaOverRank):
     rank: int = 8
     alpha: float = 16.0
     num_bases: int = 64
     target_modules: tuple[str, ...] = ("query", "value")
     seed: int = 42
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class BasisCombination(nn.Module):
