@@ -45,6 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         "metrics": MetricRecord(outcome.metrics),
         "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),
                                  "reason": outcome.reason}),
+        "adapter": ConfigRecord({"name": config.adapter}),  # the server rejects a payload of another adapter
     })
     if not outcome.refused:
         content["arrays"] = to_record(outcome.arrays)

@@ -80,7 +80,8 @@ def run(grid: Grid, context: Context) -> Path:
 
     evaluator = GlobalEvaluator(config)
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
-    strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir))
+    strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir),
+                              adapter=config.adapter)
     result = strategy.start(grid=grid, initial_arrays=to_record(evaluator.initial_arrays()),
                             num_rounds=config.num_rounds, evaluate_fn=evaluator)
 

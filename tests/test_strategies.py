@@ -81,6 +81,7 @@ def reply(node_id: int, arrays: dict | None, examples: int = 10, refused: int = 
                                  "epsilon": epsilon, "refused": refused, "steps": 5}),
         "privacy": ConfigRecord({"client-id": str(node_id), "reason": "budget" if refused else "",
                                  "ledger": json.dumps(ledger_of(node_id))}),
+        "adapter": ConfigRecord({"name": "lora"}),
     })
     if arrays is not None:
         content["arrays"] = to_record(arrays)
@@ -192,6 +193,8 @@ def test_replies_with_broken_records_are_rejected_not_fatal(tmp_path):
         broken(lambda c: c["privacy"].__setitem__("ledger", "{not json")),
         broken(lambda c: c["privacy"].__setitem__("ledger", json.dumps({"history": [{"round": 1}]}))),
         broken(lambda c: c.__setitem__("arrays", to_record({k: v.astype(np.float64) for k, v in good.items()}))),
+        broken(lambda c: c.__setitem__("adapter", ConfigRecord({"name": "nola"}))),
+        broken(lambda c: c.__delitem__("adapter")),
         reply(1, good, 10),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)

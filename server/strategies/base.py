@@ -45,12 +45,14 @@ class LoRAStrategy(FedAvg):
     static_factors: tuple[str, ...] = ()
     required_factors: tuple[str, ...] = ()  # adapter factors the strategy's math needs
 
-    def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, evaluate_clients: bool = True):
+    def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, adapter: str = "lora",
+                 evaluate_clients: bool = True):
         super().__init__(
             min_train_nodes=clients_per_round, min_available_nodes=clients_per_round,
             min_evaluate_nodes=clients_per_round, fraction_evaluate=1.0 if evaluate_clients else 0.0,
         )
         self.clients_per_round = clients_per_round
+        self.adapter = adapter
         self.seed = seed
         self.run_dir = run_dir
         self.global_arrays: dict[str, np.ndarray] = {}
@@ -159,6 +161,9 @@ class LoRAStrategy(FedAvg):
 
     def _check_reply(self, content: RecordDict) -> str:
         """Why a training reply cannot be averaged, or "" if it can."""
+        trained = content.config_records.get("adapter", {}).get("name")
+        if trained != self.adapter:
+            return f"it trained adapter {trained!r}, this run uses {self.adapter!r}"
         if "metrics" not in content.metric_records:
             return "no metrics"
         missing = [k for k in REQUIRED_METRICS if k not in content["metrics"]]
