@@ -45,6 +45,7 @@ def test_report_exists_with_finite_epsilon_within_target(finished_run):
 def test_loss_went_down(finished_run):
     run_dir, _ = finished_run
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["clients-trained"] for r in rounds[1:]] == [2, 2]  # every reply was accepted
     assert rounds[-1]["global-loss"] < rounds[0]["global-loss"]
     assert rounds[-1]["train-loss"] < rounds[1]["first-loss"]
 
