@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from common.adapters.base import AdapterLayer
+from common.adapters.inject import replace_module
 from common.adapters.registry import get_adapter
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -36,8 +37,7 @@ def merge_into_base(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, AdapterLayer):
             module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+            replace_module(model, name, module.base)
     model.requires_grad_(False)
     return model
 

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peft", action="store_true", help="also write RUN_DIR/peft (LoRA adapters only)")
     args = parser.parse_args(argv)
     config, arrays, labels = load_run(args.run_dir)
-    if args.peft:
-        print(f"PEFT adapter: {export_peft(config, adapted_with(config, arrays, labels), args.run_dir / 'peft')}")
-    out = export_merged(adapted_with(config, arrays, labels), args.out or args.run_dir / "merged")
+    adapted = adapted_with(config, arrays, labels)
+    if args.peft:  # before merging: export_peft reads the adapter factors, export_merged folds them away
+        print(f"PEFT adapter: {export_peft(config, adapted, args.run_dir / 'peft')}")
+    out = export_merged(adapted, args.out or args.run_dir / "merged")
     print(f"merged model: {out}")
 
 

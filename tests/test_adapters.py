@@ -197,7 +197,7 @@ def test_svfit_trains_the_top_singular_values_of_w0():
 
 def test_loldu_bases_are_the_lu_factors_of_w0():
     """At full rank, P L diag(D) U rebuilds W0 exactly; at rank r the bases are its leading part."""
-    from common.adapters.loldu import lu_bases
+    from common.adapters.decompositions import lu_bases
 
     w0 = base_linear().weight.detach()
     left, right, pivots = lu_bases(w0, min(D_IN, D_OUT))

@@ -2,8 +2,8 @@
 
 An adapter computes W0 x + branch(x) with branch(x) = ΔW x. `merge` folds ΔW into the base weight (for
 export and fast inference) and `unmerge` takes it out again; while merged, the branch is skipped.
-Subclasses hold their factors as ordinary `nn.Linear` modules (trainable or frozen) and no buffers, so
-Opacus computes per-sample gradients with its stock grad samplers.
+Subclasses hold their factors as sub-modules (frozen or trainable) and no buffers; each trainable
+sub-module is an `nn.Linear` or has its own registered Opacus grad sampler (`diagonal.py`, `nola.py`).
 """
 
 from __future__ import annotations

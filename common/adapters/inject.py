@@ -34,7 +34,11 @@ def inject_adapters(model: nn.Module, config: RunConfig) -> list[str]:
                 f"use rank <= {min(layer.in_features, layer.out_features)}"
             )
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, kind.wrap(getattr(parent, child), adapter_config, name))
+        replace_module(model, name, kind.wrap(model.get_submodule(name), adapter_config, name))
     return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule with dotted name `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -5,35 +5,23 @@ D = diag(U') and U = D⁻¹ U' (unit-upper), W0's leading rank-r part is P L_r d
 trains z (from D_r) and a scalar s; ΔW depends only on v = s z, so we train δ = v - v0 directly
 (the card's recommendation: averaging v is exact, averaging s and z separately is not), which makes
 W = W0 + (P L_r) diag(δ) U_r: r values per layer instead of r + 1, the same set of reachable weights.
-Pivots smaller than 1e-6 in magnitude are clamped before dividing (tiny pivots blow U up).
+Tiny pivots are clamped before dividing (see `lu_bases`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from common.adapters.decompositions import lu_bases
 from common.adapters.diagonal_basis import DiagonalBasisLinear
-
-PIVOT_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
 class LoLDUConfig:
     rank: int = 8
     target_modules: tuple[str, ...] = ("query", "value")
-
-
-def lu_bases(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P L_r, U_r, D_r) in float32: left (d_out x r) and right (r x d_in) frozen bases, and the pivots."""
-    p, lower, upper = torch.linalg.lu(weight.detach().to(device="cpu", dtype=torch.float64))
-    pivots = torch.diagonal(upper)
-    signs = torch.where(pivots < 0, -1.0, 1.0).to(pivots.dtype)
-    pivots = torch.where(pivots.abs() < PIVOT_FLOOR, signs * PIVOT_FLOOR, pivots)
-    unit_upper = upper / pivots[:, None]
-    return (p @ lower[:, :rank]).float(), unit_upper[:rank].float(), pivots[:rank].float()
 
 
 def loldu_linear(base: nn.Linear, config: LoLDUConfig, name: str) -> DiagonalBasisLinear:

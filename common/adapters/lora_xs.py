@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank, frozen_linear
+from common.adapters.decompositions import truncated_svd
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,6 @@ def truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor
     """(U_r Σ_r, V_rᵀ) of `weight` in float32, signs as in `truncated_svd`."""
     u, s, vh = truncated_svd(weight, rank)
     return u * s, vh
-
-
-def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_r, σ_r, V_rᵀ) of `weight`, computed in float64 on the CPU, returned in float32.
-
-    Each pair (u_i, v_i) is signed so v_i's largest-magnitude entry is positive: the SVD fixes them only
-    up to sign, and every party must rebuild the same frozen factors.
-    """
-    u, s, vh = torch.linalg.svd(weight.detach().to(device="cpu", dtype=torch.float64), full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    pivots = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    signs = torch.where(pivots < 0, -1.0, 1.0).to(torch.float64)
-    return (u * signs).float(), s.float(), (vh * signs[:, None]).float()
 
 
 def lora_xs_trainable_count(d_out: int, d_in: int, config: LoRAXSConfig) -> int:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from common.adapters.decompositions import truncated_svd
 from common.adapters.diagonal_basis import DiagonalBasisLinear
-from common.adapters.lora_xs import truncated_svd
 
 
 @dataclass(frozen=True)

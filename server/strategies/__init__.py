@@ -26,8 +26,8 @@ def check_compatible(strategy: str, adapter: str) -> None:
     """A strategy whose math needs LoRA's A and B cannot run an adapter that trains other factors."""
     needed = set(get_strategy(strategy).required_factors)
     kind = get_adapter(adapter)
-    if not needed <= set(kind.trainable_factors):
-        trained = set(kind.trainable_factors)
+    trained = set(kind.trainable_factors)
+    if not needed <= trained:
         fits = sorted(name for name, cls in STRATEGIES.items() if set(cls.required_factors) <= trained)
         raise ConfigError(
             f"strategy {strategy!r} needs an adapter with {' and '.join(sorted(needed))}; adapter {adapter!r} "
