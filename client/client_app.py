@@ -9,7 +9,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train_round import ClientIdentity, evaluate_round, train_round
+from client.adapter_init import init_round
+from client.train_round import ClientIdentity, TrainOutcome, evaluate_round, train_round
 from common.config import RunConfig
 from common.logs import get_logger
 from common.payload import from_record, to_record
@@ -41,6 +42,20 @@ def train(msg: Message, context: Context) -> Message:
         log.info("client %s round %s: %d DP steps in %.0f s, loss %.3f -> %.3f, epsilon %.3f",
                  identity.client_id, settings["server-round"], outcome.metrics["steps"], time.time() - started,
                  outcome.metrics["first-loss"], outcome.metrics["train-loss"], outcome.metrics["epsilon"])
+    return reply(msg, config, identity, outcome)
+
+
+@app.train("adapter_init")
+def adapter_init(msg: Message, context: Context) -> Message:
+    """Round 0 of a private data-driven init: a DP gradient of the adapted layers' weights."""
+    config = RunConfig.from_flower(context.run_config)
+    identity = identity_of(context, str(msg.content["config"]["run-dir"]))
+    outcome = init_round(config, identity)
+    log.info("client %s: init step, epsilon %.3f", identity.client_id, outcome.metrics["epsilon"])
+    return reply(msg, config, identity, outcome)
+
+
+def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: TrainOutcome) -> Message:
     content = RecordDict({
         "metrics": MetricRecord(outcome.metrics),
         "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dp_training import DPSettings, train_locally
+from common.adapters.registry import private_init_steps
 from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
@@ -56,7 +57,7 @@ def noise_for(config: RunConfig, sample_rate: float) -> float | None:
         return config.noise_multiplier
     if not math.isfinite(config.target_epsilon):
         return None
-    planned_steps = config.planned_rounds * config.local_steps
+    planned_steps = config.planned_rounds * config.local_steps + private_init_steps(config)
     return calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate, planned_steps,
                                       config.accountant)
 

@@ -15,6 +15,9 @@ from common.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet")
 ACCOUNTANTS = ("rdp", "prv")
+# Where a data-driven adapter initialization (LoRA-SB) reads its gradients: a public split held by the
+# server (free), or the clients' private data under DP (one DP step each, charged to their budgets).
+INIT_DATA = ("public", "private")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class RunConfig:
     lora_dropout: float = 0.0
     target_modules: str = "query,value"
     nola_bases: int = 64
+    init_data: str = "public"
+    public_examples: int = 128
     strategy: str = "fedsvd"
     target_epsilon: float = 8.0
     delta: float = 1e-5
@@ -120,6 +125,8 @@ _RULES = [
     ("alpha", lambda v: v > 0 and math.isfinite(v), "must be > 0 (scaling is alpha/rank)"),
     ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
+    ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
+    ("public_examples", _positive, "the server's public split needs at least one example"),
     ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),
     ("delta", _fraction, "must be in (0, 1), typically 1e-5 or below 1/(number of examples)"),
     ("noise_multiplier", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = calibrate to target-epsilon)"),

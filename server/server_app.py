@@ -24,6 +24,7 @@ from common.logs import get_logger
 from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
+from server.adapter_init import initial_frozen_factors
 from server.report import build_report, write_report
 from server.strategies import check_compatible, get_strategy
 
@@ -82,10 +83,14 @@ def run(grid: Grid, context: Context) -> Path:
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
     strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir),
                               adapter=config.adapter)
-    result = strategy.start(grid=grid, initial_arrays=to_record(evaluator.initial_arrays()),
-                            num_rounds=config.num_rounds, evaluate_fn=evaluator)
+    frozen = initial_frozen_factors(config, evaluator.adapted, grid, strategy)
+    load_state(evaluator.adapted.model, frozen)
+    strategy.broadcast_keys = set(frozen)
+    initial = {**evaluator.initial_arrays(), **frozen}
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.num_rounds,
+                            evaluate_fn=evaluator)
 
-    final = from_record(result.arrays) if result.arrays is not None else evaluator.initial_arrays()
+    final = from_record(result.arrays) if result.arrays is not None else initial
     save_file(final, str(run_dir / "adapter.safetensors"))
     rounds = _round_table(result, config.num_rounds, strategy.refusals)
     (run_dir / "metrics.json").write_text(json.dumps(

@@ -185,6 +185,31 @@ def test_lora_xs_frozen_factors_are_the_truncated_svd_of_w0():
     np.testing.assert_array_equal(adapter_layer("lora_xs")[0].frozen_A.weight.numpy(), a.float().numpy())
 
 
+def test_lamda_projections_are_orthonormal_singular_vectors_so_the_core_maps_isometrically():
+    layer, config = adapter_layer("lamda")
+    u, _, vh = torch.linalg.svd(layer.base.weight.detach().double(), full_matrices=False)
+    a, b = layer.frozen_A.weight.double(), layer.frozen_B.weight.double()
+    torch.testing.assert_close((b.T @ u[:, :RANK]).abs(), torch.eye(RANK, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close((a @ vh[:RANK].T).abs(), torch.eye(RANK, dtype=torch.float64), atol=1e-5, rtol=0)
+    randomize_trainables(layer, seed=6)
+    torch.testing.assert_close(torch.linalg.norm(layer.delta_weight()),
+                               config.scaling * torch.linalg.norm(layer.lora_R.weight), rtol=1e-5, atol=0)
+
+
+def test_dora_rows_have_the_trained_magnitude_and_start_at_the_base_norms():
+    layer, config = adapter_layer("dora")
+    w0 = layer.base.weight.detach().clone()
+    torch.testing.assert_close(layer.lora_magnitude_vector.weight, torch.linalg.norm(w0, dim=1))
+    randomize_trainables(layer, seed=7)
+    adapted = w0 + layer.delta_weight()
+    torch.testing.assert_close(torch.linalg.norm(adapted, dim=1), layer.lora_magnitude_vector.weight.abs(),
+                               atol=1e-5, rtol=1e-5)
+    direction = w0 + config.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(adapted / adapted.norm(dim=1, keepdim=True),
+                               direction / direction.norm(dim=1, keepdim=True)
+                               * layer.lora_magnitude_vector.weight.sign()[:, None], atol=1e-5, rtol=1e-5)
+
+
 def test_svfit_trains_the_top_singular_values_of_w0():
     """With δ = σ_r the update is the best rank-r approximation U_r Σ_r V_rᵀ of W0 (Eckart-Young)."""
     layer, _ = adapter_layer("svfit")

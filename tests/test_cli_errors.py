@@ -31,7 +31,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     ("rank=0", "rank = 0 is invalid"),
     ("target-epsilon=-2.0", "target-epsilon = -2.0 is invalid"),
     ('dataset="/nonexistent/data.csv"', "/nonexistent/data.csv: data file not found"),
-    ('adapter="dora"', "unknown adapter 'dora'"),
+    ('adapter="loha"', "unknown adapter 'loha'; available: "),
+    ('adapter="lora_sb" init-data="both"', "init-data = 'both' is invalid: choose one of public, private"),
     ("clients-per-round=3", "clients-per-round = 3 exceeds --num-clients 2"),
 ])
 def test_bad_setting_is_one_line(override, fragment):

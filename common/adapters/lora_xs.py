@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank, frozen_linear
+from common.adapters.base import ScaledByAlphaOverRank
+from common.adapters.core_basis import CoreBasisLinear
 from common.adapters.decompositions import truncated_svd
 
 
@@ -26,31 +26,6 @@ class LoRAXSConfig(ScaledByAlphaOverRank):
     target_modules: tuple[str, ...] = ("query", "value")
 
 
-class LoRAXSLinear(AdapterLayer):
-    def __init__(self, base: nn.Linear, config: LoRAXSConfig, name: str):
-        super().__init__(base)
-        self.scaling = config.scaling
-        b, a = truncated_svd_factors(base.weight.detach(), config.rank)
-        self.frozen_A = frozen_linear(a, base)
-        self.lora_R = nn.Linear(config.rank, config.rank, bias=False)
-        self.lora_R.to(device=base.weight.device, dtype=base.weight.dtype)
-        with torch.no_grad():
-            self.lora_R.weight.zero_()
-        self.frozen_B = frozen_linear(b, base)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * self.frozen_B.weight @ self.lora_R.weight @ self.frozen_A.weight
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * self.frozen_B(self.lora_R(self.frozen_A(x)))
-
-
-def truncated_svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U_r Σ_r, V_rᵀ) of `weight` in float32, signs as in `truncated_svd`."""
-    u, s, vh = truncated_svd(weight, rank)
-    return u * s, vh
-
-
-def lora_xs_trainable_count(d_out: int, d_in: int, config: LoRAXSConfig) -> int:
-    """r²: only the core R trains."""
-    return config.rank * config.rank
+def lora_xs_linear(base: nn.Linear, config: LoRAXSConfig, name: str) -> CoreBasisLinear:
+    u, s, vh = truncated_svd(base.weight.detach(), config.rank)
+    return CoreBasisLinear(base, left=u * s, right=vh, scaling=config.scaling)

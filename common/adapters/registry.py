@@ -10,12 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from common.adapters.base import AdapterLayer
+from common.adapters.dora import DoRALinear, dora_trainable_count
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
-from common.adapters.lora_xs import LoRAXSConfig, LoRAXSLinear, lora_xs_trainable_count
+from common.adapters.core_basis import core_trainable_count
+from common.adapters.lamda import LaMDAConfig, lamda_linear
+from common.adapters.lora_xs import LoRAXSConfig, lora_xs_linear
 from common.adapters.diagonal_basis import diagonal_trainable_count
+from common.adapters.lora_sb import LoRASBConfig, bases_from_gradient, lora_sb_linear
 from common.adapters.loldu import LoLDUConfig, loldu_linear
 from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
@@ -34,33 +39,55 @@ class AdapterKind:
     trainable_count: Callable[[int, int, object], int]  # (d_out, d_in, adapter config) -> parameters
     # (run config, head module names) -> the equivalent PEFT config, or None where PEFT has no such method
     peft_config: Callable[[RunConfig, list[str]], object] | None = None
+    # Adapters whose frozen factors come from data: (a layer's summed full-weight gradient, adapter config)
+    # -> the layer's frozen factor values. Run once before round 1 (run config `init-data` says on whose
+    # data); the server then sends those factors with the global state and never expects them back.
+    gradient_init: Callable[[torch.Tensor, object], dict[str, torch.Tensor]] | None = None
 
 
-def lora_peft_config(config: RunConfig, heads: list[str]):
+def lora_peft_config(config: RunConfig, heads: list[str], use_dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_module_names), modules_to_save=heads, bias="none")
+                      target_modules=list(config.target_module_names), modules_to_save=heads, bias="none",
+                      use_dora=use_dora)
+
+
+def lora_config(c: RunConfig) -> LoRAConfig:
+    return LoRAConfig(rank=c.rank, alpha=c.alpha, dropout=c.lora_dropout, target_modules=c.target_module_names,
+                      seed=c.seed)
 
 
 ADAPTERS: dict[str, AdapterKind] = {
     "lora": AdapterKind(
-        make_config=lambda c: LoRAConfig(
-            rank=c.rank, alpha=c.alpha, dropout=c.lora_dropout, target_modules=c.target_module_names,
-            seed=c.seed,
-        ),
+        make_config=lora_config,
         wrap=LoRALinear,
         trainable_factors=("lora_A", "lora_B"),
         exact_averaging=False,  # mean(B) mean(A) != mean(B A); FFA-LoRA and FedSVD train B only
         trainable_count=lora_trainable_count,
         peft_config=lora_peft_config,
     ),
+    "dora": AdapterKind(
+        make_config=lora_config,
+        wrap=DoRALinear,
+        trainable_factors=("lora_A", "lora_B", "lora_magnitude_vector"),
+        exact_averaging=False,  # the row norm makes ΔW nonlinear in all three factors
+        trainable_count=dora_trainable_count,
+        peft_config=lambda c, heads: lora_peft_config(c, heads, use_dora=True),
+    ),
     "lora_xs": AdapterKind(
         make_config=lambda c: LoRAXSConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names),
-        wrap=LoRAXSLinear,
+        wrap=lora_xs_linear,
         trainable_factors=("lora_R",),
         exact_averaging=True,
-        trainable_count=lora_xs_trainable_count,
+        trainable_count=core_trainable_count,
+    ),
+    "lamda": AdapterKind(
+        make_config=lambda c: LaMDAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names),
+        wrap=lamda_linear,
+        trainable_factors=("lora_R",),
+        exact_averaging=True,
+        trainable_count=core_trainable_count,
     ),
     "svfit": AdapterKind(
         make_config=lambda c: SVFitConfig(rank=c.rank, target_modules=c.target_module_names),
@@ -76,6 +103,14 @@ ADAPTERS: dict[str, AdapterKind] = {
         exact_averaging=True,
         trainable_count=diagonal_trainable_count,
     ),
+    "lora_sb": AdapterKind(
+        make_config=lambda c: LoRASBConfig(rank=c.rank, target_modules=c.target_module_names),
+        wrap=lora_sb_linear,
+        trainable_factors=("lora_R",),
+        exact_averaging=True,
+        trainable_count=core_trainable_count,
+        gradient_init=bases_from_gradient,
+    ),
     "nola": AdapterKind(
         make_config=lambda c: NOLAConfig(rank=c.rank, alpha=c.alpha, num_bases=c.nola_bases,
                                          target_modules=c.target_module_names, seed=c.seed),
@@ -85,6 +120,11 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_count=nola_trainable_count,
     ),
 }
+
+
+def private_init_steps(config: RunConfig) -> int:
+    """DP steps a client spends before round 1: one if the adapter's init reads the clients' data."""
+    return int(config.init_data == "private" and get_adapter(config.adapter).gradient_init is not None)
 
 
 def get_adapter(name: str) -> AdapterKind:

@@ -37,12 +37,25 @@ def global_test_set(config: RunConfig) -> TextDataset:
     return _global_split(config)[1]
 
 
+def public_split(config: RunConfig) -> TextDataset:
+    """The server's public split (`public-examples` examples no client holds), for data-driven inits."""
+    if not uses_public_split(config):
+        raise DataError(f"adapter {config.adapter!r} with init-data = {config.init_data!r} has no public split")
+    return _client_pool(config)[1]
+
+
+def uses_public_split(config: RunConfig) -> bool:
+    from common.adapters import get_adapter
+
+    return config.init_data == "public" and get_adapter(config.adapter).gradient_init is not None
+
+
 def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     """Client `partition_id`'s local train and test data."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     indices = _partition_indices(config, num_partitions)[partition_id]
-    pool = _global_split(config)[0]
+    pool = _client_pool(config)[0]
     train, test = split_off(pool.subset(indices), config.local_test_fraction, config.seed + 1 + partition_id)
     return ClientData(train=train, test=test)
 
@@ -51,12 +64,23 @@ def _global_split(config: RunConfig) -> tuple[TextDataset, TextDataset]:
     return split_off(load_dataset(config), config.global_test_fraction, config.seed)
 
 
+def _client_pool(config: RunConfig) -> tuple[TextDataset, TextDataset | None]:
+    """(what the clients share out, the server's public split or None)."""
+    pool = _global_split(config)[0]
+    if not uses_public_split(config):
+        return pool, None
+    if config.public_examples >= len(pool):
+        raise DataError(f"public-examples = {config.public_examples} leaves no training data "
+                        f"({len(pool)} examples outside the global test set)")
+    return split_off(pool, config.public_examples / len(pool), config.seed + 7919)
+
+
 @lru_cache(maxsize=8)
 def _partition_indices(config: RunConfig, num_partitions: int) -> list[list[int]]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    pool = _global_split(config)[0]
+    pool = _client_pool(config)[0]
     needed = num_partitions * MIN_CLIENT_EXAMPLES / (1 - config.local_test_fraction)
     if len(pool) < needed:
         raise DataError(

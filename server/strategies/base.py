@@ -59,6 +59,7 @@ class LoRAStrategy(FedAvg):
         self.ledgers: dict[str, dict] = {}
         self.refusals: dict[int, list[str]] = {}
         self.last_bytes_down = 0
+        self.broadcast_keys: set[str] = set()  # frozen factors set before round 1 (server/adapter_init.py)
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,7 +68,8 @@ class LoRAStrategy(FedAvg):
 
     def uplink_keys(self) -> set[str]:
         """The keys a training reply must carry: everything the clients did not freeze."""
-        return {k for k in self.global_arrays if factor_of(k) not in self.frozen_factors}
+        return {k for k in self.global_arrays
+                if factor_of(k) not in self.frozen_factors and k not in self.broadcast_keys}
 
     def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return arrays
