@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dp_training import DPSettings, train_locally
-from common.adapters.registry import private_init_steps
+from common.adapters.registry import get_adapter, private_init_steps
 from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
@@ -89,7 +89,8 @@ def train_round(
     result = train_locally(
         adapted.model, encode(adapted.tokenizer, data.train, config.max_seq_len),
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
-        dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm), device=pick_device(),
+        dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
+                      grad_sample_mode=get_adapter(config.adapter).grad_sample_mode), device=pick_device(),
     )
     if noise is not None:
         ledger.settle(server_round, result.steps)

@@ -81,7 +81,8 @@ def test_trainable_tensors_and_count_match_the_declaration(name):
     assert set(trainable) == {f"{factor}.weight" for factor in kind.trainable_factors}
     assert sum(p.numel() for p in trainable.values()) == kind.trainable_count(D_OUT, D_IN, config)
     assert not list(layer.buffers()), "Opacus: a module with trainable parameters must not own buffers"
-    for module in layer.modules():
+    assert kind.grad_sample_mode in ("hooks", "functorch")
+    for module in layer.modules() if kind.grad_sample_mode == "hooks" else []:
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             assert type(module) in GradSampleModule.GRAD_SAMPLERS, (
                 f"{type(module).__name__} has no registered Opacus grad sampler (slow functorch fallback)")
@@ -99,14 +100,18 @@ class Probe(nn.Module):
         return self.head(self.layer(x).mean(dim=1))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_opacus_per_sample_gradients_equal_one_example_at_a_time(name):
+MODES = sorted({(name, mode) for name in NAMES for mode in ("hooks", get_adapter(name).grad_sample_mode)})
+
+
+@pytest.mark.parametrize("name,mode", MODES)
+def test_opacus_per_sample_gradients_equal_one_example_at_a_time(name, mode):
+    """In hooks mode, and in the mode the adapter declares for DP-SGD (if another)."""
     layer, _ = adapter_layer(name)
     randomize_trainables(layer, seed=3)
     probe = Probe(layer)
     reference = copy.deepcopy(probe)
     x, y = inputs(), torch.arange(6) % CLASSES
-    wrapped = GradSampleModule(probe, batch_first=True, loss_reduction="sum", force_functorch=False)
+    wrapped = GradSampleModule(probe, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch")
     F.cross_entropy(wrapped(x), y, reduction="sum").backward()
     params = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
     samples = dict(probe.named_parameters())

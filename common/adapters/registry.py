@@ -43,6 +43,9 @@ class AdapterKind:
     # -> the layer's frozen factor values. Run once before round 1 (run config `init-data` says on whose
     # data); the server then sends those factors with the global state and never expects them back.
     gradient_init: Callable[[torch.Tensor, object], dict[str, torch.Tensor]] | None = None
+    # Opacus grad-sample mode for DP-SGD: "hooks" where every trainable module has a registered sampler,
+    # "functorch" for math Opacus cannot hook (slower; none of ours needs it yet)
+    grad_sample_mode: str = "hooks"
 
 
 def lora_peft_config(config: RunConfig, heads: list[str], use_dora: bool = False):
