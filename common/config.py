@@ -47,6 +47,7 @@ class RunConfig:
     lora_dropout: float = 0.0
     target_modules: str = "query,value"
     nola_bases: int = 64
+    salt_lora_rank: int = 8
     init_data: str = "public"
     public_examples: int = 128
     strategy: str = "fedsvd"
@@ -125,6 +126,7 @@ _RULES = [
     ("alpha", lambda v: v > 0 and math.isfinite(v), "must be > 0 (scaling is alpha/rank)"),
     ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
+    ("salt_lora_rank", _positive, "the rank of SALT's LoRA on the remaining subspace must be an integer >= 1"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
     ("public_examples", _positive, "the server's public split needs at least one example"),
     ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),

@@ -2,7 +2,7 @@
 
 Merging folds each layer's ΔW into its frozen base weight and puts the plain `nn.Linear` back, so the
 result is the original architecture with new weights: `from_pretrained` loads it, no fedlora needed.
-Adapters whose math PEFT has (plain LoRA) can also be written as a PEFT adapter directory, through
+Adapters whose math PEFT has (LoRA, DoRA, RandLoRA) can also be written as a PEFT adapter directory, through
 PEFT's own serializer, so `PeftModel.from_pretrained` gives the same logits.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from common.adapters.base import AdapterLayer
 from common.adapters.inject import replace_module
-from common.adapters.registry import get_adapter
+from common.adapters.registry import ADAPTERS, get_adapter
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.model import AdaptedModel, build_model, resolve_model_path
@@ -53,7 +53,9 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
     kind = get_adapter(config.adapter)
     if kind.peft_config is None:
-        raise ConfigError(f"adapter {config.adapter!r} has no PEFT equivalent; export the merged model instead")
+        peft_ones = ", ".join(name for name, k in sorted(ADAPTERS.items()) if k.peft_config is not None)
+        raise ConfigError(f"adapter {config.adapter!r} has no PEFT equivalent (PEFT export: {peft_ones}); "
+                          "export the merged model instead (without --peft)")
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -73,12 +75,19 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     missing = {n for n, p in ours.items() if p.requires_grad} - filled
     if missing:
         raise ConfigError(f"PEFT export would drop trained tensors: {sorted(missing)[:3]}")
+    if kind.peft_frozen is not None:
+        kind.peft_frozen(config, peft_model)
     peft_model.save_pretrained(out_dir)
     adapted.tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
 def peft_key_to_ours(name: str) -> str:
-    """`base_model.model.x.lora_A.default.weight` -> `x.lora_A.weight`; the same for modules_to_save."""
+    """`base_model.model.x.lora_A.default.weight` -> `x.lora_A.weight`; the same for modules_to_save.
+
+    A PEFT factor held directly as a parameter, `x.randlora_lambda.default`, is our `x.randlora_lambda.weight`.
+    """
     name = name.removeprefix("base_model.model.")
+    if name.endswith(".default"):
+        name = name.removesuffix(".default") + ".weight"
     return name.replace(".modules_to_save.default.", ".").replace(".default.", ".")

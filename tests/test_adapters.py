@@ -167,6 +167,20 @@ def test_rank_larger_than_the_layer_is_a_config_error(name):
         inject_adapters(model, RunConfig(adapter=name, rank=5, target_modules="query"))
 
 
+def test_salt_lora_rank_larger_than_the_layer_is_a_config_error():
+    from common.adapters import inject_adapters
+
+    model = nn.Sequential()
+    model.add_module("query", nn.Linear(4, 6))
+    with pytest.raises(ConfigError, match="salt-lora-rank = 5 exceeds layer query \\(6 x 4\\); use salt-lora-rank <= 4"):
+        inject_adapters(model, RunConfig(adapter="salt", rank=2, salt_lora_rank=5, target_modules="query"))
+
+
+def test_salt_lora_rank_of_zero_is_a_config_error():
+    with pytest.raises(ConfigError, match="salt-lora-rank = 0 is invalid"):
+        RunConfig.from_flower({"adapter": "salt", "salt-lora-rank": 0})
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_adapter_has_a_strategy_and_incompatible_pairs_are_refused(name):
     kind = get_adapter(name)
@@ -254,3 +268,92 @@ def test_nola_bases_are_rebuilt_from_the_seed_and_only_coefficients_train():
 def test_nola_basis_count_of_zero_is_a_config_error():
     with pytest.raises(ConfigError, match="nola-bases = 0 is invalid"):
         RunConfig.from_flower({"adapter": "nola", "nola-bases": 0})
+
+
+def test_salt_starts_at_w0_and_its_lora_stays_off_the_top_singular_subspaces():
+    """a = 1, b = 0, LoRA zero: W == W0. Trained: ΔW = U_r diag(ReLU(aσ + b) − σ) V_rᵀ + s P_U B A P_V."""
+    layer, config = adapter_layer("salt")
+    torch.testing.assert_close(layer.delta_weight(), torch.zeros(D_OUT, D_IN), atol=0, rtol=0)
+    randomize_trainables(layer, seed=9)
+    u, s, vh = torch.linalg.svd(layer.base.weight.detach().double(), full_matrices=False)
+    u, s, vh = u[:, :RANK], s[:RANK], vh[:RANK]
+    a, b = layer.salt_scale.weight.detach().double(), layer.salt_shift.weight.detach().double()
+    lora = layer.lora_B.weight.detach().double() @ layer.lora_A.weight.detach().double()
+    p_out, p_in = torch.eye(D_OUT, dtype=torch.float64) - u @ u.T, torch.eye(D_IN, dtype=torch.float64) - vh.T @ vh
+    expected = (u * (torch.relu(a * s + b) - s)) @ vh + config.scaling * p_out @ lora @ p_in
+    torch.testing.assert_close(layer.delta_weight().detach().double(), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the LoRA part alone leaves the top-r singular directions untouched
+        layer.salt_scale.weight.fill_(1.0)
+        layer.salt_shift.weight.zero_()
+    lora_part = layer.delta_weight().detach().double()
+    assert lora_part.abs().max() > 1e-3
+    torch.testing.assert_close(u.T @ lora_part, torch.zeros(RANK, D_IN, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lora_part @ vh.T, torch.zeros(D_OUT, RANK, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_salt_scale_and_shift_per_sample_gradients_are_exact_where_the_relu_clips():
+    layer, _ = adapter_layer("salt")
+    randomize_trainables(layer, seed=8)
+    sigma = layer.salt_scale.singular_values
+    with torch.no_grad():
+        layer.salt_scale.weight.fill_(1.0)
+        layer.salt_shift.weight.zero_()
+        layer.salt_shift.weight[0] = -2 * sigma[0]  # σ'_0 = ReLU(σ_0 − 2σ_0) = 0
+        layer.salt_scale.weight[1] = -1.0  # σ'_1 = ReLU(−σ_1) = 0
+    reference = copy.deepcopy(layer)
+    probe = Probe(layer)
+    x, y = inputs(), torch.arange(6) % CLASSES
+    wrapped = GradSampleModule(probe, batch_first=True, loss_reduction="sum", force_functorch=False)
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    factors = [reference.salt_scale.weight, reference.salt_shift.weight]
+    samples = [layer.salt_scale.weight.grad_sample, layer.salt_shift.weight.grad_sample]
+    for i in range(len(x)):  # per example, through the dense W0 + ΔW with autograd's own ReLU
+        dense = F.linear(x[i : i + 1], reference.base.weight + reference.delta_weight(), reference.base.bias)
+        loss = F.cross_entropy(probe.head(dense.mean(dim=1)), y[i : i + 1])
+        for sample, grad in zip(samples, torch.autograd.grad(loss, factors)):
+            torch.testing.assert_close(sample[i], grad, atol=1e-5, rtol=1e-4)
+    for sample in samples:
+        assert (sample[:, :2] == 0).all() and (sample[:, 2:].abs() > 1e-6).any()
+    wrapped._close()
+
+
+@pytest.mark.parametrize("d_out, d_in", [(16, 24), (24, 16)])
+def test_randlora_update_is_full_rank_from_rank_4_bases_shared_as_slices(d_out, d_in):
+    """N = 16 / 4 = 4 bases of rank 4: rank(ΔW) = min(d_in, d_out) = 16, on either side; the bases of a
+    layer are slices of a larger layer's (PEFT shares one pair, sized for the largest layer)."""
+    kind = get_adapter("randlora")
+    config = kind.make_config(RunConfig(adapter="randlora", rank=4))
+    torch.manual_seed(0)
+    layer = kind.wrap(nn.Linear(d_in, d_out).double(), config, "encoder.layer.0.query")
+    assert layer.delta_weight().abs().max() == 0
+    assert kind.trainable_count(d_out, d_in, config) == 4 * 4 + 4 * 16
+    randomize_trainables(layer, seed=9)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float64 and delta.shape == (d_out, d_in)
+    assert int(torch.linalg.matrix_rank(delta)) == 16
+    larger = kind.wrap(nn.Linear(40, 30), config, "encoder.layer.5.value")
+    torch.testing.assert_close(layer.randlora_gamma.basis.float(), larger.randlora_gamma.basis[:, :16], atol=0, rtol=0)
+    q_small = layer.frozen_B.weight.T if layer.transposed else layer.frozen_B.weight  # M x (N r), basis-major
+    q_large = larger.frozen_B.weight.T.reshape(40, 8, 4)  # larger is 30 x 40: transposed, M = 40, N = 8
+    torch.testing.assert_close(q_small.float(), q_large[:24, :4].flatten(1), atol=0, rtol=0)
+
+
+def test_randlora_per_sample_gradients_are_exact_with_gamma_on_the_input_side():
+    """The table's layer (12 -> 10) puts γ on the output side; this one (8 -> 10) on the input side."""
+    kind = get_adapter("randlora")
+    torch.manual_seed(0)
+    layer = kind.wrap(nn.Linear(8, D_OUT), kind.make_config(RunConfig(adapter="randlora", rank=RANK)), "query")
+    assert not layer.transposed
+    randomize_trainables(layer, seed=3)
+    probe = Probe(layer)
+    reference = copy.deepcopy(probe)
+    x, y = torch.randn(6, TOKENS, 8, generator=torch.Generator().manual_seed(1)), torch.arange(6) % CLASSES
+    wrapped = GradSampleModule(probe, batch_first=True, loss_reduction="sum", force_functorch=False)
+    F.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    factors = [reference.layer.randlora_lambda.weight, reference.layer.randlora_gamma.weight]
+    samples = [layer.randlora_lambda.weight.grad_sample, layer.randlora_gamma.weight.grad_sample]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(F.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]), factors)
+        for sample, grad in zip(samples, grads):
+            torch.testing.assert_close(sample[i], grad, atol=1e-5, rtol=1e-4)
+    wrapped._close()

@@ -74,3 +74,42 @@ def test_export_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "lacks run_config.json, adapter.safetensors, labels.json" in result.stderr
+
+
+def test_randlora_peft_export_slices_shared_bases_across_layer_shapes(tmp_path):
+    """Layers of three shapes (384x384, 1536x384, 384x1536: γ on the input and on the output side) share
+    PEFT's one pair of bases sized for the largest; PEFT must load ours and give our logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from common.adapters.randlora import random_bases, unique_basis
+    from common.export import export_peft
+    from common.model import resolve_model_path
+
+    config = RunConfig(adapter="randlora", rank=64, alpha=32.0, target_modules="dense", seed=7)
+    adapted = adapted_with(config, {}, LABELS)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.model.named_parameters():
+            if p.requires_grad:  # trained λ and γ (both far from their init) and head
+                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if name.startswith("classifier.") else 0.02))
+    expected = logits(adapted.model, adapted.tokenizer)
+    export_peft(config, adapted, tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    a = next(v for k, v in saved.items() if k.endswith("randlora_A"))
+    b = next(v for k, v in saved.items() if k.endswith("randlora_B"))
+    assert a.shape == (64, 1, 1536) and b.shape == (1536, 24, 64)  # PEFT's shared pair, largest shape
+    torch.testing.assert_close(a[:, 0], unique_basis(7, 64, 1536), atol=0, rtol=0)
+    torch.testing.assert_close(b, random_bases(7, 64, 1536, 24), atol=0, rtol=0)
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(""), num_labels=len(LABELS))
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    torch.testing.assert_close(logits(peft_model, adapted.tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_of_an_adapter_peft_lacks_is_one_line(tmp_path):
+    finished_run(tmp_path, "svfit")
+    result = subprocess.run([sys.executable, "-m", "server.export", str(tmp_path), "--peft"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "adapter 'svfit' has no PEFT equivalent (PEFT export: dora, lora, randlora)" in result.stderr

@@ -23,6 +23,9 @@ from common.adapters.diagonal_basis import diagonal_trainable_count
 from common.adapters.lora_sb import LoRASBConfig, bases_from_gradient, lora_sb_linear
 from common.adapters.loldu import LoLDUConfig, loldu_linear
 from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
+from common.adapters.randlora import (RandLoRAConfig, RandLoRALinear, fill_peft_bases, randlora_peft_config,
+                                      randlora_trainable_count)
+from common.adapters.salt import SALTConfig, SALTLinear, salt_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -39,6 +42,9 @@ class AdapterKind:
     trainable_count: Callable[[int, int, object], int]  # (d_out, d_in, adapter config) -> parameters
     # (run config, head module names) -> the equivalent PEFT config, or None where PEFT has no such method
     peft_config: Callable[[RunConfig, list[str]], object] | None = None
+    # (run config, PEFT model) -> None: before saving, fill the PEFT model's frozen tensors that fedlora
+    # rebuilds from the seed (RandLoRA's random bases), so the saved adapter holds exactly ours
+    peft_frozen: Callable[[RunConfig, nn.Module], None] | None = None
     # Adapters whose frozen factors come from data: (a layer's summed full-weight gradient, adapter config)
     # -> the layer's frozen factor values. Run once before round 1 (run config `init-data` says on whose
     # data); the server then sends those factors with the global state and never expects them back.
@@ -121,6 +127,24 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("nola_A", "nola_B"),
         exact_averaging=False,  # ΔW is bilinear in the two coefficient vectors
         trainable_count=nola_trainable_count,
+    ),
+    "randlora": AdapterKind(
+        make_config=lambda c: RandLoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names,
+                                             seed=c.seed),
+        wrap=RandLoRALinear,
+        trainable_factors=("randlora_lambda", "randlora_gamma"),
+        exact_averaging=False,  # ΔW is bilinear in (λ, γ)
+        trainable_count=randlora_trainable_count,
+        peft_config=randlora_peft_config,
+        peft_frozen=fill_peft_bases,
+    ),
+    "salt": AdapterKind(
+        make_config=lambda c: SALTConfig(rank=c.rank, lora_rank=c.salt_lora_rank, alpha=c.alpha,
+                                         target_modules=c.target_module_names, seed=c.seed),
+        wrap=SALTLinear,
+        trainable_factors=("salt_scale", "salt_shift", "lora_A", "lora_B"),
+        exact_averaging=False,  # the LoRA part is bilinear; (a, b) average exactly only while no ReLU clips
+        trainable_count=salt_trainable_count,
     ),
 }
 
