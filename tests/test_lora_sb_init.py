@@ -20,14 +20,12 @@ from common.model import build_model
 from common.payload import load_state, trainable_state
 from common.privacy import PrivacyStep, epsilon_of
 from common.tensors import encode
+from tests.conftest import write_toy_csv
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    words = {"animal": "a small furry creature", "tool": "a metal device used to cut", "food": "a sweet dish eaten"}
-    lines = ["text,label"] + [f"{text} number {i},{label}" for label, text in words.items() for i in range(40)]
-    path = tmp_path_factory.mktemp("data") / "toy.csv"
-    path.write_text("\n".join(lines) + "\n")
+    path = write_toy_csv(tmp_path_factory.mktemp("data"))
     return RunConfig(dataset=str(path), examples_per_class=0, num_rounds=2, local_steps=2, batch_size=8,
                      max_seq_len=16, target_epsilon=4.0, rank=4, adapter="lora_sb", strategy="fedavg_lora",
                      init_data="private", public_examples=12)
