@@ -25,6 +25,7 @@ from common.logs import get_logger
 from common.model import AdaptedModel, pick_device
 from common.payload import from_record
 from common.tensors import encode
+from server.aggregation import weighted_mean
 from server.strategies.base import LoRAStrategy
 
 log = get_logger("server")
@@ -56,7 +57,7 @@ def private_gradients(config: RunConfig, adapted: AdaptedModel, grid: Grid, stra
     log.info("adapter init: one DP step on the private data of clients (node ids) %s", nodes)
     record = RecordDict({"config": ConfigRecord({"server-round": 0, "run-dir": strategy.run_dir})})
     messages = [Message(content=record, message_type=INIT_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
-    total, weight = None, 0.0
+    payloads, weights = [], []
     for reply in grid.send_and_receive(messages, timeout=INIT_TIMEOUT_SECONDS):
         if reply.has_error():
             log.warning("adapter init: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
@@ -68,14 +69,11 @@ def private_gradients(config: RunConfig, adapted: AdaptedModel, grid: Grid, stra
         if problem:
             log.warning("adapter init: rejected reply of client %s: %s", client, problem)
             continue
-        examples = float(reply.content["metrics"]["num-examples"])
-        arrays = from_record(reply.content["arrays"])
-        total = {k: examples * v.astype(np.float64) for k, v in arrays.items()} if total is None else {
-            k: total[k] + examples * arrays[k] for k in total}
-        weight += examples
-    if total is None:
+        payloads.append(from_record(reply.content["arrays"]))
+        weights.append(float(reply.content["metrics"]["num-examples"]))
+    if not payloads:
         raise FedloraError("adapter init: no client returned a usable gradient; see the warnings above")
-    return {name: torch.from_numpy(value / weight) for name, value in total.items()}
+    return {name: torch.from_numpy(value) for name, value in weighted_mean(payloads, weights).items()}
 
 
 def init_reply_problem(content: RecordDict, adapter: str, shapes: dict[str, tuple]) -> str:

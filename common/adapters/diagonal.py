@@ -12,12 +12,14 @@ from torch import nn
 
 
 class DiagonalScale(nn.Module):
-    def __init__(self, size: int):
+    """`weight` of any shape scales the last axis of x elementwise, read in `weight`'s row-major order."""
+
+    def __init__(self, *shape: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(size))
+        self.weight = nn.Parameter(torch.zeros(*shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
+        return x * self.weight.flatten()
 
 
 @register_grad_sampler(DiagonalScale)
@@ -27,4 +29,4 @@ def diagonal_scale_grad_sample(layer: DiagonalScale, activations: list[torch.Ten
     if not layer.weight.requires_grad:
         return {}
     x = activations[0].to(backprops.dtype)
-    return {layer.weight: torch.einsum("n...i,n...i->ni", x, backprops)}
+    return {layer.weight: torch.einsum("n...i,n...i->ni", x, backprops).view(-1, *layer.weight.shape)}

@@ -29,6 +29,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank, frozen_linear
+from common.adapters.diagonal import DiagonalScale
 from common.adapters.lora import seed_for
 
 
@@ -98,28 +99,6 @@ def randlora_gamma_grad_sample(layer: RandLoRAGamma, activations: list[torch.Ten
     return {layer.weight: torch.einsum("bknj,kj->bnj", g_grads, layer.basis.to(backprops.dtype))}
 
 
-class RandLoRALambda(nn.Module):
-    """x -> x * flatten(λ) on the rN axis, flattened (k, n) rank-major as PEFT does; λ = `weight` (r x N)."""
-
-    def __init__(self, rank: int, n_bases: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(rank, n_bases))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight.flatten()
-
-
-@register_grad_sampler(RandLoRALambda)
-def randlora_lambda_grad_sample(layer: RandLoRALambda, activations: list[torch.Tensor], backprops: torch.Tensor
-                                ) -> dict[nn.Parameter, torch.Tensor]:
-    """d loss_b / d λ[k, n] = Σ_t x_t[(k, n)] (d loss_b / d y_t)[(k, n)]."""
-    if not layer.weight.requires_grad:
-        return {}
-    x = activations[0].to(backprops.dtype)
-    grads = torch.einsum("b...i,b...i->bi", x, backprops)
-    return {layer.weight: grads.view(-1, *layer.weight.shape)}
-
-
 class RandLoRALinear(AdapterLayer):
     def __init__(self, base: nn.Linear, config: RandLoRAConfig, name: str):
         super().__init__(base)
@@ -130,7 +109,7 @@ class RandLoRALinear(AdapterLayer):
         self.transposed = m != d_in  # PEFT puts γ on the input side whenever d_in = m
         q = random_bases(config.seed, r, big, n).flatten(1)  # M x Nr, basis-major as PEFT
         self.randlora_gamma = RandLoRAGamma(unique_basis(config.seed, r, m), n, big, self.transposed)
-        self.randlora_lambda = RandLoRALambda(r, n)
+        self.randlora_lambda = DiagonalScale(r, n)  # λ on the rN axis, flattened (k, n) rank-major as PEFT
         self.frozen_B = frozen_linear(q.T if self.transposed else q, base)  # d_in -> Nr, or Nr -> d_out
         self.randlora_gamma.to(device=base.weight.device, dtype=base.weight.dtype)
         self.randlora_lambda.to(device=base.weight.device, dtype=base.weight.dtype)
