@@ -15,6 +15,7 @@ setup:
 bench: setup
 	.venv/bin/python -m simulations.bench_dp_step
 	.venv/bin/python -m simulations.bench_fedsvd
+	.venv/bin/python -m simulations.bench_aggregation
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,6 +14,7 @@ from client.train_round import ClientIdentity, TrainOutcome, evaluate_round, tra
 from common.config import RunConfig
 from common.logs import get_logger
 from common.payload import from_record, to_record
+from common.ranks import client_rank, config_for_rank
 
 app = ClientApp()
 log = get_logger("client")
@@ -35,14 +36,29 @@ def train(msg: Message, context: Context) -> Message:
     settings = msg.content["config"]
     identity = identity_of(context, str(settings["run-dir"]))
     frozen = tuple(part for part in str(settings.get("frozen", "")).split(",") if part)
-    outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen, int(settings["server-round"]))
+    # The server may ask for less than the client's own rank (HetLoRA's rank pruning), never for more.
+    rank = min(client_rank(config, context.node_config, identity.partition_id), int(settings.get("rank", 10**9)))
+    outcome = train_round(config_for_rank(config, rank), identity, from_record(msg.content["arrays"]), frozen,
+                          int(settings["server-round"]), fold=bool(settings.get("fold", 0)))
     if outcome.refused:
         log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
     else:
         log.info("client %s round %s: %d DP steps in %.0f s, loss %.3f -> %.3f, epsilon %.3f",
                  identity.client_id, settings["server-round"], outcome.metrics["steps"], time.time() - started,
                  outcome.metrics["first-loss"], outcome.metrics["train-loss"], outcome.metrics["epsilon"])
-    return reply(msg, config, identity, outcome)
+    return reply(msg, config_for_rank(config, rank), identity, outcome)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """What a rank-heterogeneous server asks each node once: who it is and which rank it trains."""
+    config = RunConfig.from_flower(context.run_config)
+    identity = identity_of(context, ".")
+    return Message(content=RecordDict({
+        "privacy": ConfigRecord({"client-id": identity.client_id}),
+        "adapter": ConfigRecord({"name": config.adapter,
+                                 "rank": client_rank(config, context.node_config, identity.partition_id)}),
+    }), reply_to=msg)
 
 
 @app.train("adapter_init")
@@ -60,7 +76,8 @@ def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: Tr
         "metrics": MetricRecord(outcome.metrics),
         "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),
                                  "reason": outcome.reason}),
-        "adapter": ConfigRecord({"name": config.adapter}),  # the server rejects a payload of another adapter
+        # the server rejects a payload of another adapter, or of a rank it did not expect
+        "adapter": ConfigRecord({"name": config.adapter, "rank": config.rank}),
     })
     if not outcome.refused:
         content["arrays"] = to_record(outcome.arrays)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dp_training import DPSettings, train_locally
+from common.adapters.rank_resize import fit_ranks, fold_into_base
 from common.adapters.registry import get_adapter, private_init_steps
 from common.config import RunConfig
 from common.data.partition import client_data
@@ -64,9 +65,13 @@ def noise_for(config: RunConfig, sample_rate: float) -> float | None:
 
 def train_round(
     config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray], frozen: tuple[str, ...],
-    server_round: int,
+    server_round: int, fold: bool = False,
 ) -> TrainOutcome:
-    """Train the received adapter locally under DP-SGD, or refuse if the budget does not allow it."""
+    """Train the received adapter locally under DP-SGD, or refuse if the budget does not allow it.
+
+    `fold`: the received LoRA factors are a global update to add to the base weights (FLoRA), and the
+    client trains a fresh LoRA of its own rank on top; otherwise they initialise the client's LoRA.
+    """
     data = client_data(config, identity.partition_id, identity.num_partitions)
     sample_rate = poisson_sample_rate(len(data.train), config.batch_size)
     noise = noise_for(config, sample_rate)
@@ -81,7 +86,9 @@ def train_round(
         ledger.charge(step)
 
     adapted = build_model(config, num_labels=len(data.train.label_names))
-    load_state(adapted.model, arrays)
+    if fold:
+        arrays = fold_into_base(adapted.model, arrays)
+    load_state(adapted.model, arrays, leading_block=True)
     for name, parameter in adapted.model.named_parameters():
         if any(part in frozen for part in name.split(".")):
             parameter.requires_grad_(False)
@@ -112,6 +119,7 @@ def evaluate_round(config: RunConfig, identity: ClientIdentity, arrays: dict[str
     """Loss and accuracy of the received global adapter on this client's local test split."""
     data = client_data(config, identity.partition_id, identity.num_partitions)
     adapted = build_model(config, num_labels=len(data.test.label_names))
+    fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays)
     loss, accuracy = evaluate(adapted.model, encode(adapted.tokenizer, data.test, config.max_seq_len),
                               config.eval_batch_size, pick_device())

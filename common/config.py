@@ -43,6 +43,7 @@ class RunConfig:
     lr: float = 0.03
     adapter: str = "lora"
     rank: int = 8
+    client_ranks: str = ""
     alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: str = "query,value"
@@ -51,6 +52,8 @@ class RunConfig:
     init_data: str = "public"
     public_examples: int = 128
     strategy: str = "fedsvd"
+    global_max_rank: int = 0
+    hetlora_prune: float = 0.0
     target_epsilon: float = 8.0
     delta: float = 1e-5
     noise_multiplier: float = 0.0
@@ -104,6 +107,27 @@ class RunConfig:
                 )
         if not self.target_module_names:
             raise ConfigError("target-modules is empty: give e.g. \"query,value\"")
+        ranks = self.client_rank_list
+        if any(r > self.rank for r in ranks):
+            raise ConfigError(
+                f"client-ranks = {self.client_ranks!r} has a rank above rank = {self.rank}, the largest (global) "
+                f"rank r_max: raise rank or lower the client's"
+            )
+
+    @property
+    def client_rank_list(self) -> tuple[int, ...]:
+        """`client-ranks` parsed: one rank per partition id (cycled); () = every client uses `rank`."""
+        parts = [p.strip() for p in self.client_ranks.split(",") if p.strip()]
+        try:
+            ranks = tuple(int(p) for p in parts)
+        except ValueError:
+            ranks = ()
+        if len(ranks) != len(parts) or any(r < 1 for r in ranks):
+            raise ConfigError(
+                f"client-ranks = {self.client_ranks!r} is invalid: give comma-separated integers >= 1, "
+                f"e.g. \"4,4,8,8,16,16\" (one per client, cycled), or \"\" for all clients at rank"
+            )
+        return ranks
 
 
 def _positive(v) -> bool:
@@ -123,6 +147,8 @@ _RULES = [
     ("eval_batch_size", _positive, "must be an integer >= 1"),
     ("lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
     ("rank", _positive, "the adapter rank must be an integer >= 1"),
+    ("global_max_rank", lambda v: v >= 0, "must be >= 0 (0 = no truncation of the stacked global adapter)"),
+    ("hetlora_prune", lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = no rank self-pruning)"),
     ("alpha", lambda v: v > 0 and math.isfinite(v), "must be > 0 (scaling is alpha/rank)"),
     ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),

@@ -15,16 +15,19 @@ from torch import nn
 
 from common.adapters.base import AdapterLayer
 from common.adapters.inject import replace_module
+from common.adapters.rank_resize import fit_ranks
 from common.adapters.registry import ADAPTERS, get_adapter
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.model import AdaptedModel, build_model, resolve_model_path
 from common.payload import load_state
+from common.ranks import config_for_rank, stored_rank
 
 
 def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str]) -> AdaptedModel:
     """The run's model with the global adapter and head loaded, labels named, in eval mode."""
     adapted = build_model(config, num_labels=len(labels))
+    fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays)
     adapted.model.config.id2label = dict(enumerate(labels))
     adapted.model.config.label2id = {label: i for i, label in enumerate(labels)}
@@ -60,6 +63,10 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     from transformers import AutoModelForSequenceClassification
 
     heads = sorted({name.rsplit(".", 1)[0] for name in adapted.head_parameters})
+    # A rank-heterogeneous run's global LoRA may have another rank than `rank` (FLoRA's stack); PEFT
+    # scales by lora_alpha / r, so keep fedlora's alpha / r_max.
+    config = config_for_rank(config, stored_rank(
+        {n: p for n, p in adapted.model.named_parameters() if n.endswith(".lora_A.weight")}, config.rank))
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(config.model), num_labels=adapted.model.config.num_labels)
     peft_model = get_peft_model(base, kind.peft_config(config, heads))

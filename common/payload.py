@@ -20,17 +20,24 @@ def trainable_state(model: nn.Module, keys: list[str] | None = None) -> dict[str
     return {name: params[name].detach().cpu().numpy().copy() for name in wanted}
 
 
-def load_state(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy `arrays` into the model's parameters of the same name; every key must exist and fit."""
+def load_state(model: nn.Module, arrays: dict[str, np.ndarray], leading_block: bool = False) -> None:
+    """Copy `arrays` into the model's parameters of the same name; every key must exist and fit.
+
+    With `leading_block`, a smaller array fills the leading block of the parameter and the rest keeps its
+    value: a client whose rank is above the global r_max loads the r_max prefix and keeps its own init.
+    """
     params = dict(model.named_parameters())
     for name, value in arrays.items():
         if name not in params:
             raise PayloadError(f"payload key {name!r} is not a parameter of the local model")
         target = params[name]
-        if tuple(target.shape) != tuple(value.shape):
+        fits = tuple(target.shape) == tuple(value.shape) or (
+            leading_block and value.ndim == target.ndim and all(v <= t for v, t in zip(value.shape, target.shape)))
+        if not fits:
             raise PayloadError(f"payload {name!r} has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
         with torch.no_grad():
-            target.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
+            block = target[tuple(slice(0, n) for n in value.shape)]
+            block.copy_(torch.as_tensor(np.asarray(value), dtype=target.dtype))
 
 
 def to_record(arrays: dict[str, np.ndarray]):

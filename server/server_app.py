@@ -1,8 +1,10 @@
 """The Flower ServerApp: build the strategy from the run config, run the rounds, write the run directory.
 
 RUN_DIR gets `metrics.json` (per-round accuracy, loss, bytes), `adapter.safetensors` (the final global
-adapter and head), `run_config.json`, `labels.json` (label names by class index), and the privacy
-report (`privacy.json`, `.md`, `.png`). `python -m server.export RUN_DIR` turns it into a model.
+adapter and head), `clients/` (each client's last LoRA reply, where replies carry both factors),
+`run_config.json`, `labels.json` (label names by class index), and the privacy report (`privacy.json`,
+`.md`, `.png`). `python -m server.export RUN_DIR` turns it into a model; `python -m server.merge
+RUN_DIR` merges the clients' own adapters into one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.numpy import save_file
 
+from common.adapters.rank_resize import fit_ranks
 from common.config import RunConfig
 from common.data.partition import global_test_set
 from common.errors import FedloraError
@@ -53,7 +56,9 @@ class GlobalEvaluator:
         return trainable_state(self.adapted.model)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_state(self.adapted.model, from_record(arrays))
+        state = from_record(arrays)
+        fit_ranks(self.adapted.model, state)  # FLoRA's stacked global changes rank every round
+        load_state(self.adapted.model, state)
         loss, accuracy = evaluate(self.adapted.model, self.data, self.batch_size, self.device)
         log.info("round %d: global test accuracy %.4f, loss %.4f (%d examples)", server_round, accuracy, loss,
                  len(self.data))
@@ -73,7 +78,7 @@ def run(grid: Grid, context: Context) -> Path:
     started = time.time()
     config = RunConfig.from_flower(context.run_config)
     strategy_class = get_strategy(config.strategy)
-    check_compatible(config.strategy, config.adapter)
+    check_compatible(config.strategy, config.adapter, config.client_rank_list)
     run_dir = resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, default=str))
@@ -81,8 +86,7 @@ def run(grid: Grid, context: Context) -> Path:
 
     evaluator = GlobalEvaluator(config)
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
-    strategy = strategy_class(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=str(run_dir),
-                              adapter=config.adapter)
+    strategy = strategy_class.from_config(config, str(run_dir))
     frozen = initial_frozen_factors(config, evaluator.adapted, grid, strategy)
     load_state(evaluator.adapted.model, frozen)
     strategy.broadcast_keys = set(frozen)
@@ -92,6 +96,8 @@ def run(grid: Grid, context: Context) -> Path:
 
     final = from_record(result.arrays) if result.arrays is not None else initial
     save_file(final, str(run_dir / "adapter.safetensors"))
+    if not strategy.fold_global:  # FLoRA's replies are increments on that round's global, not adapters
+        save_client_adapters(run_dir / "clients", strategy.client_adapters)
     rounds = _round_table(result, config.num_rounds, strategy.refusals)
     (run_dir / "metrics.json").write_text(json.dumps(
         {"strategy": config.strategy, "rounds": rounds, "wall_seconds": time.time() - started}, indent=2))
@@ -107,6 +113,22 @@ def run(grid: Grid, context: Context) -> Path:
         log.info("client %s: epsilon %s", client["id"], client["epsilon"])
     log.info("privacy report: %s", markdown)
     return run_dir
+
+
+def save_client_adapters(directory: Path, adapters: dict[str, tuple[dict, float]]) -> None:
+    """Each client's last accepted adapter (a DP output), for `python -m server.merge` after the run.
+
+    Only complete LoRA adapters (both factors in the reply) are kept: a B trained against a frozen A
+    is not an adapter on its own.
+    """
+    complete = {client: value for client, value in adapters.items()
+                if any(k.endswith(".lora_A.weight") for k in value[0])}
+    if not complete:
+        return
+    directory.mkdir(exist_ok=True)
+    for client, (arrays, examples) in complete.items():
+        save_file(arrays, str(directory / f"client-{client}.safetensors"), metadata={"num-examples": str(examples)})
+    log.info("last adapters of %d clients: %s (merge them with python -m server.merge)", len(complete), directory)
 
 
 def _round_table(result, num_rounds: int, refusals: dict[int, list[str]]) -> list[dict]:

@@ -42,7 +42,7 @@ def validate(config: RunConfig, num_clients: int) -> None:
     """Everything a user can get wrong, checked before any process starts."""
     from server.strategies import check_compatible
 
-    check_compatible(config.strategy, config.adapter)
+    check_compatible(config.strategy, config.adapter, config.client_rank_list)
     if config.clients_per_round > num_clients:
         raise ConfigError(f"clients-per-round = {config.clients_per_round} exceeds --num-clients {num_clients}")
     model = config.model

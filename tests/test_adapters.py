@@ -184,13 +184,15 @@ def test_salt_lora_rank_of_zero_is_a_config_error():
 @pytest.mark.parametrize("name", NAMES)
 def test_every_adapter_has_a_strategy_and_incompatible_pairs_are_refused(name):
     kind = get_adapter(name)
-    usable = [s for s, cls in STRATEGIES.items() if set(cls.required_factors) <= set(kind.trainable_factors)]
+    usable = [s for s, cls in STRATEGIES.items() if set(cls.required_factors) <= set(kind.trainable_factors)
+              and (not cls.adapters or name in cls.adapters)]
     assert usable, f"no strategy can aggregate {name}"
     for strategy in STRATEGIES:
         if strategy in usable:
             check_compatible(strategy, name)
         else:
-            with pytest.raises(ConfigError, match=f"strategy '{strategy}' needs an adapter with lora_A and lora_B"):
+            with pytest.raises(ConfigError, match=f"strategy '{strategy}' (needs an adapter with lora_A and lora_B"
+                                                  f"|merges adapter\\(s\\) lora only, not '{name}')"):
                 check_compatible(strategy, name)
 
 

@@ -113,3 +113,32 @@ def test_peft_export_of_an_adapter_peft_lacks_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "adapter 'svfit' has no PEFT equivalent (PEFT export: dora, lora, randlora)" in result.stderr
+
+
+def test_a_global_lora_of_another_rank_than_the_runs_exports_with_the_runs_scale(tmp_path):
+    """FLoRA's stacked global has rank Σ r_k, not `rank`; fedlora scales it by alpha / rank (r_max) and so
+    must the PEFT adapter (lora_alpha / r)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from common.export import export_peft
+    from common.model import resolve_model_path
+
+    config = RunConfig(adapter="lora", rank=4, alpha=16.0, strategy="flora")
+    generator = torch.Generator().manual_seed(1)
+    template = adapted_with(config, {}, LABELS)
+    arrays = {}
+    for name, p in template.model.named_parameters():
+        if p.requires_grad:
+            shape = (6, p.shape[1]) if name.endswith("lora_A.weight") else (
+                (p.shape[0], 6) if name.endswith("lora_B.weight") else tuple(p.shape))
+            arrays[name] = (torch.randn(shape, generator=generator) * 0.05).numpy()
+    adapted = adapted_with(config, arrays, LABELS)
+    layer = adapted.model.bert.encoder.layer[0].attention.self.query
+    assert layer.lora_A.weight.shape[0] == 6 and layer.scaling == 16.0 / 4
+    expected = logits(adapted.model, adapted.tokenizer)
+    export_peft(config, adapted, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 6
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(""), num_labels=len(LABELS))
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    torch.testing.assert_close(logits(peft_model, adapted.tokenizer), expected, atol=1e-5, rtol=1e-5)

@@ -7,12 +7,23 @@ from common.errors import ConfigError
 from server.strategies.base import LoRAStrategy
 from server.strategies.fedavg_lora import FedAvgLoRA
 from server.strategies.fedsvd import FedSVD
+from server.strategies.fedsvd_het import FedSVDHet
 from server.strategies.ffa_lora import FFALoRA
+from server.strategies.flexlora import FlexLoRA
+from server.strategies.flora import FLoRA
+from server.strategies.hetlora import HetLoRA
+from server.strategies.lora_lego import LoRALEGO
 
 STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedavg_lora": FedAvgLoRA,
     "ffa_lora": FFALoRA,
     "fedsvd": FedSVD,
+    # rank-heterogeneous: clients may train different ranks (run config client-ranks, node-config rank)
+    "hetlora": HetLoRA,
+    "flexlora": FlexLoRA,
+    "flora": FLoRA,
+    "lora_lego": LoRALEGO,
+    "fedsvd_het": FedSVDHet,
 }
 
 
@@ -22,9 +33,18 @@ def get_strategy(name: str) -> type[LoRAStrategy]:
     return STRATEGIES[name]
 
 
-def check_compatible(strategy: str, adapter: str) -> None:
-    """A strategy whose math needs LoRA's A and B cannot run an adapter that trains other factors."""
-    needed = set(get_strategy(strategy).required_factors)
+def check_compatible(strategy: str, adapter: str, client_ranks: tuple[int, ...] = ()) -> None:
+    """A strategy whose math needs LoRA's A and B cannot run an adapter that trains other factors;
+    clients of different ranks need a rank-heterogeneous strategy."""
+    cls = get_strategy(strategy)
+    if client_ranks and not cls.rank_heterogeneous:
+        hetero = sorted(name for name, c in STRATEGIES.items() if c.rank_heterogeneous)
+        raise ConfigError(f"client-ranks needs a rank-heterogeneous strategy, and {strategy!r} is not one: "
+                          f"use one of {', '.join(hetero)}, or client-ranks = \"\"")
+    if cls.adapters and adapter not in cls.adapters:
+        raise ConfigError(f"strategy {strategy!r} merges adapter(s) {', '.join(cls.adapters)} only, not "
+                          f"{adapter!r}: use adapter {cls.adapters[0]!r} or another strategy")
+    needed = set(cls.required_factors)
     kind = get_adapter(adapter)
     trained = set(kind.trainable_factors)
     if not needed <= trained:

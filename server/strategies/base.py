@@ -44,6 +44,9 @@ class LoRAStrategy(FedAvg):
     frozen_factors: tuple[str, ...] = ()
     static_factors: tuple[str, ...] = ()
     required_factors: tuple[str, ...] = ()  # adapter factors the strategy's math needs
+    adapters: tuple[str, ...] = ()  # the adapters it can merge; () = any with the required factors
+    rank_heterogeneous = False  # can clients train different ranks (run config client-ranks)?
+    secure_aggregation = True  # is the merge a weighted sum of the payloads (README table)?
 
     def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, adapter: str = "lora",
                  evaluate_clients: bool = True):
@@ -59,7 +62,14 @@ class LoRAStrategy(FedAvg):
         self.ledgers: dict[str, dict] = {}
         self.refusals: dict[int, list[str]] = {}
         self.last_bytes_down = 0
+        self.client_adapters: dict[str, tuple[dict[str, np.ndarray], float]] = {}  # last accepted reply, weight
         self.broadcast_keys: set[str] = set()  # frozen factors set before round 1 (server/adapter_init.py)
+
+    @classmethod
+    def from_config(cls, config, run_dir: str) -> "LoRAStrategy":
+        """The strategy a run config asks for (`config` is a common.config.RunConfig)."""
+        return cls(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=run_dir,
+                   adapter=config.adapter)
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -74,6 +84,24 @@ class LoRAStrategy(FedAvg):
     def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return arrays
 
+    # ---- hooks of the rank-heterogeneous strategies (server/strategies/rank_hetero.py) ----------
+    fold_global = False  # clients add the received LoRA to their base and train a fresh one (FLoRA)
+
+    def prepare_round(self, grid: Grid, nodes: list[int]) -> None:
+        """Anything to learn about the sampled nodes before sending (rank-heterogeneous: their ranks)."""
+
+    def node_downlink(self, node: int, down: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What one node receives (the same for every node unless ranks differ)."""
+        return down
+
+    def node_config(self, node: int) -> dict:
+        return {}
+
+    def aggregate_payloads(self, payloads: list[dict[str, np.ndarray]], weights: list[float], nodes: list[int],
+                           server_round: int) -> dict[str, np.ndarray]:
+        """The new global state from the accepted payloads: example-weighted mean, then post-processing."""
+        return self.after_averaging({**self.global_arrays, **weighted_mean(payloads, weights)})
+
     # ---- Flower hooks -------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -82,11 +110,18 @@ class LoRAStrategy(FedAvg):
         config["server-round"] = server_round
         config["frozen"] = ",".join(self.frozen_factors)
         config["run-dir"] = self.run_dir
+        config["fold"] = int(self.fold_global)
+        self.prepare_round(grid, nodes)
         down = self.downlink(self.global_arrays)
-        self.last_bytes_down = sum(v.nbytes for v in down.values()) * len(nodes)
+        messages, self.last_bytes_down = [], 0
+        for node in nodes:
+            sent = self.node_downlink(node, down)
+            self.last_bytes_down += sum(v.nbytes for v in sent.values())
+            record = RecordDict({"arrays": to_record(sent),
+                                 "config": ConfigRecord({**dict(config), **self.node_config(node)})})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
         log.info("round %d: training on clients (node ids) %s", server_round, nodes)
-        record = RecordDict({"arrays": to_record(down), "config": config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
@@ -100,7 +135,7 @@ class LoRAStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, weights, metrics = [], [], []
+        accepted, weights, metrics, senders = [], [], [], []
         refused: list[str] = []
         bytes_up = 0
         for reply in replies:
@@ -118,21 +153,22 @@ class LoRAStrategy(FedAvg):
                 log.warning("round %d: client %s refused to train (%s)", server_round, client,
                             content["privacy"].get("reason", ""))
                 continue
-            problem = problem or self._check_reply(content)
+            problem = problem or self._check_reply(content, reply.metadata.src_node_id)
             if problem:
                 log.warning("round %d: rejected reply of client %s: %s", server_round, client, problem)
                 continue
             payload = from_record(content["arrays"])
             bytes_up += sum(v.nbytes for v in payload.values())
             accepted.append(payload)
+            self.client_adapters[client] = (payload, float(reply_metrics["num-examples"]))
             weights.append(float(reply_metrics["num-examples"]))
             metrics.append(reply_metrics)
+            senders.append(reply.metadata.src_node_id)
         self.refusals[server_round] = refused
         if not accepted:
             log.warning("round %d: no usable replies; the global adapter is unchanged", server_round)
             return None, MetricRecord({"clients-trained": 0, "clients-refused": len(refused)})
-        averaged = weighted_mean(accepted, weights)
-        new_global = self.after_averaging({**self.global_arrays, **averaged})
+        new_global = self.aggregate_payloads(accepted, weights, senders, server_round)
         summary = {
             "clients-trained": len(accepted), "clients-refused": len(refused),
             "train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights)),
@@ -161,7 +197,7 @@ class LoRAStrategy(FedAvg):
             return client, None, f"its ledger has no valid history ({err})"
         return client, ledger, ""
 
-    def _check_reply(self, content: RecordDict) -> str:
+    def _check_reply(self, content: RecordDict, node: int = 0) -> str:
         """Why a training reply cannot be averaged, or "" if it can."""
         trained = content.config_records.get("adapter", {}).get("name")
         if trained != self.adapter:
@@ -178,16 +214,24 @@ class LoRAStrategy(FedAvg):
         if set(payload) != expected:
             missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
             return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        problem = self._check_shapes(payload, content, node)
+        if problem:
+            return problem
         for key, value in payload.items():
-            reference = self.global_arrays[key]
-            if value.shape != reference.shape or value.dtype != reference.dtype:
-                return (f"{key} is {value.dtype}{list(value.shape)}, expected "
-                        f"{reference.dtype}{list(reference.shape)}")
             if not np.all(np.isfinite(value)):
                 return f"{key} contains NaN or Inf"
         examples = content["metrics"]["num-examples"]
         if not examples or examples <= 0:
             return f"num-examples = {examples}"
+        return ""
+
+    def _check_shapes(self, payload: dict[str, np.ndarray], content: RecordDict, node: int) -> str:
+        """Every tensor has the global tensor's shape and dtype (rank-heterogeneous strategies relax this)."""
+        for key, value in payload.items():
+            reference = self.global_arrays[key]
+            if value.shape != reference.shape or value.dtype != reference.dtype:
+                return (f"{key} is {value.dtype}{list(value.shape)}, expected "
+                        f"{reference.dtype}{list(reference.shape)}")
         return ""
 
     def _sample(self, grid: Grid, server_round: int, all_nodes: bool = False) -> list[int]:

@@ -1,0 +1,100 @@
+"""Merge the clients' own adapters of a finished run into one LoRA (end-of-training merge).
+
+    python -m server.merge RUN_DIR [--method lego|flexlora] [--rank R] [--out DIR]
+
+RUN_DIR/clients/ holds each client's last accepted LoRA reply (written by the ServerApp for strategies
+whose clients send both factors). The merge weights clients by their example counts: `lego` clusters
+the rank-1 units (LoRA-LEGO, `server/lego.py`), `flexlora` takes the best rank-R approximation of the
+mean product (`server/rank_merging.py`). Heads are averaged. DIR (default RUN_DIR/merged-<method>) gets
+adapter.safetensors, run_config.json and labels.json, so `python -m server.export DIR` turns it into a
+model. Only DP outputs are read: the merge costs no privacy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common.config import RunConfig
+from common.errors import FedloraError, exit_on_user_error
+from common.ranks import config_for_rank
+from server.aggregation import weighted_mean
+from server.lego import lego_merge
+from server.rank_merging import flexlora_merge
+
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+MERGES: dict[str, Callable] = {"lego": lego_merge, "flexlora": flexlora_merge}
+
+
+def load_client_adapters(run_dir: Path) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    files = sorted((run_dir / "clients").glob("client-*.safetensors"))
+    if not files:
+        raise FedloraError(f"{run_dir / 'clients'} has no client adapters: runs whose clients send both LoRA "
+                           "factors leave them (strategies fedavg_lora, hetlora, flexlora, lora_lego)")
+    weights = []
+    for path in files:
+        with safe_open(str(path), framework="numpy") as handle:
+            weights.append(float((handle.metadata() or {}).get("num-examples", 1.0)))
+    return [load_file(str(path)) for path in files], weights
+
+
+def merge_adapters(adapters: list[dict[str, np.ndarray]], weights: list[float], method: str, rank: int
+                   ) -> dict[str, np.ndarray]:
+    """Every LoRA layer merged by `method` to `rank`; every other tensor (the head) example-weighted."""
+    if method not in MERGES:
+        raise FedloraError(f"unknown merge method {method!r}; available: {', '.join(sorted(MERGES))}")
+    keys = set(adapters[0])
+    if any(set(a) != keys for a in adapters):
+        raise FedloraError("the client adapters hold different tensors; were they written by one run?")
+    dense = sorted(k for k in keys if not k.endswith((A_SUFFIX, B_SUFFIX)))
+    out = weighted_mean([{k: a[k] for k in dense} for a in adapters], weights) if dense else {}
+    for a_key in sorted(k for k in keys if k.endswith(A_SUFFIX)):
+        b_key = a_key[: -len(A_SUFFIX)] + B_SUFFIX
+        d_out, d_in = adapters[0][b_key].shape[0], adapters[0][a_key].shape[1]
+        if rank > min(d_out, d_in):
+            raise FedloraError(f"rank {rank} exceeds layer {a_key[: -len(A_SUFFIX)]} ({d_out} x {d_in})")
+        out[b_key], out[a_key] = MERGES[method]([a[b_key] for a in adapters], [a[a_key] for a in adapters],
+                                                weights, rank)
+    return out
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the run directory of a finished run")
+    parser.add_argument("--method", default="lego", choices=sorted(MERGES), help="how to merge (default lego)")
+    parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the run's rank)")
+    parser.add_argument("--out", type=Path, help="output directory (default RUN_DIR/merged-<method>)")
+    args = parser.parse_args(argv)
+    config_file = args.run_dir / "run_config.json"
+    if not config_file.is_file():
+        raise FedloraError(f"{args.run_dir} has no run_config.json: give the run directory of a finished run")
+    config = RunConfig.from_flower(json.loads(config_file.read_text()))
+    rank = args.rank or config.rank
+    if rank < 1:
+        raise FedloraError(f"--rank = {rank} is invalid: give an integer >= 1")
+    adapters, weights = load_client_adapters(args.run_dir)
+    try:
+        merged = merge_adapters(adapters, weights, args.method, rank)
+    except ValueError as err:
+        raise FedloraError(f"cannot merge: {err}") from None
+    out = args.out or args.run_dir / f"merged-{args.method}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / "adapter.safetensors"))
+    merged_config = config_for_rank(config, rank)
+    (out / "run_config.json").write_text(json.dumps({**merged_config.to_flower(), "run-dir": str(out)}, indent=2))
+    (out / "labels.json").write_text((args.run_dir / "labels.json").read_text())
+    print(f"merged {len(adapters)} client adapters ({args.method}, rank {rank}): {out}")
+
+
+if __name__ == "__main__":
+    main()
