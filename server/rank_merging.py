@@ -77,7 +77,7 @@ def stack_factors(bs: Sequence[np.ndarray], as_: Sequence[np.ndarray],
     """
     p, ranks = _check_clients(bs, as_, weights)
     dtype = bs[0].dtype
-    d_out, d_in = bs[0].shape[0], as_[0].shape[1]
+    d_out = bs[0].shape[0]
     total = int(sum(ranks))
     b_stack = np.empty((d_out, total), dtype=dtype, order="F")  # each client's block is one contiguous copy
     start = 0

@@ -16,8 +16,14 @@ tracemalloc), minus what was allocated before. One line per setting; the last li
 `worst_vs_avg=X.X min_speedup_vs_dense=Y`: the largest time / plain-averaging time of FlexLoRA and
 heterogeneous FedSVD over all settings, and the smallest dense time / FlexLoRA time.
 Targets: at K=100, d=4096, FlexLoRA and heterogeneous FedSVD cost <= 3x plain averaging, and FlexLoRA is
->= 50x faster than dense. Small settings (K=10, d=768) take a millisecond or less for every method, so
-their ratios measure Python overhead more than arithmetic.
+>= 50x faster than dense. Two things to know when reading the ratios:
+- With K=10, plain averaging takes a few ms, while the exact route pays a fixed cost (two thin Householder
+  QRs of d x R in LAPACK, which runs at a few GFLOP/s on such shapes, plus an R x R SVD): its ratio to
+  averaging is large although it takes tens of ms. At d=768 the dense SVD is cheap too (~0.3 s).
+- The randomized route (R > RANDOMIZED_ABOVE) applies M or Mᵀ 2q + 2 times, each two float32 GEMMs of
+  d x R x (r_max + 10): about 6 GFLOP at K=100, d=4096, q=2, against averaging's one memory-bound pass.
+Timings on a shared 2-core machine vary by 2x between runs; multi-threaded BLAS suffers most when
+another process competes for the cores. `OPENBLAS_NUM_THREADS=1` gives steadier (slower) numbers.
 """
 
 from __future__ import annotations

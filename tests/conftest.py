@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,3 +21,13 @@ def write_toy_csv(directory: Path) -> Path:
     path = directory / "toy.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def run_demo_ok(num_clients: int, *run_configs: str) -> subprocess.CompletedProcess:
+    """`python -m simulations.demo` (a real `flwr run` simulation); fails the test with the log tail."""
+    command = [sys.executable, "-m", "simulations.demo", "--num-clients", str(num_clients)]
+    for settings in run_configs:
+        command += ["--run-config", settings]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

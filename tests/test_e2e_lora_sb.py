@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.conftest import REPO, needs_wordnet
+from tests.conftest import needs_wordnet, run_demo_ok
 from tests.test_e2e_simulation import TINY
 
 
@@ -17,12 +15,7 @@ def test_private_init_is_charged_as_round_0_and_its_bases_are_broadcast(tmp_path
     from safetensors.numpy import load_file
 
     settings = TINY.replace('strategy="fedsvd"', 'strategy="fedavg_lora"')
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.demo", "--num-clients", "2", "--run-config", settings,
-         "--run-config", f'adapter="lora_sb" init-data="private" run-dir="{tmp_path}"'],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_demo_ok(2, settings, f'adapter="lora_sb" init-data="private" run-dir="{tmp_path}"')
     report = json.loads((tmp_path / "privacy.json").read_text())
     for client in report["clients"]:
         assert [(row["round"], row["steps"]) for row in client["history"]] == [(0, 1), (1, 5), (2, 5)]

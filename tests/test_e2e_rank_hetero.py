@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, needs_wordnet
+from tests.conftest import REPO, needs_wordnet, run_demo_ok
 from tests.test_e2e_simulation import TINY
 
 
@@ -18,12 +18,7 @@ def flora_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("flora")
     settings = TINY.replace('strategy="fedsvd"', 'strategy="flora"').replace("clients-per-round=2",
                                                                              "clients-per-round=3")
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.demo", "--num-clients", "3", "--run-config", settings,
-         "--run-config", f'rank=8 client-ranks="2,4,8" run-dir="{run_dir}"'],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo_ok(3, settings, f'rank=8 client-ranks="2,4,8" run-dir="{run_dir}"')
     return run_dir, result
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, needs_wordnet
+from tests.conftest import needs_wordnet, run_demo_ok
 
 TINY = ('num-rounds=2 clients-per-round=2 local-steps=5 batch-size=64 max-seq-len=32 examples-per-class=100 '
         'lr=0.02 target-epsilon=50.0 strategy="fedsvd" partitioner="iid"')
@@ -18,12 +16,7 @@ TINY = ('num-rounds=2 clients-per-round=2 local-steps=5 batch-size=64 max-seq-le
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    result = subprocess.run(
-        [sys.executable, "-m", "simulations.demo", "--num-clients", "2",
-         "--run-config", TINY, "--run-config", f'run-dir="{run_dir}"'],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_demo_ok(2, TINY, f'run-dir="{run_dir}"')
     return run_dir, result
 
 
