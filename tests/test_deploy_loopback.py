@@ -1,0 +1,102 @@
+"""The deployment topology (deploy/topology.py, the same as docker-compose.yml) as real processes on 127.0.0.1.
+
+`flower-superlink` with TLS and SuperNode authentication, a SuperExec for the ServerApp, two registered
+SuperNodes (each its own node config, auth key, FLWR_HOME and ledger dir) with their SuperExecs, then
+`flwr run . <connection>` over TLS: 2 rounds of LoRA under DP-SGD with fedsvd on a toy CSV. A SuperNode whose
+key was never registered is refused; bad node settings fail fast with a clear message.
+Every process runs in its own process group and is killed by group when the module's tests end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy.loopback import CONNECTION, REPO, loopback_deployment, online_nodes, start_supernode
+from deploy.topology import DEFAULT, SuperNodeSpec
+from scripts.gen_certs import generate
+from tests.conftest import write_toy_csv
+
+RUN_TIMEOUT = 480
+TINY = ('num-rounds=2 clients-per-round=2 local-steps=3 batch-size=16 max-seq-len=32 examples-per-class=40 '
+        'lr=0.02 target-epsilon=50.0 strategy="fedsvd" partitioner="iid"')
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    names = [node.service for node in DEFAULT.supernodes]
+    certs = generate(root / "certs", [*names, "intruder"], DEFAULT.superlink_service)
+    (root / "data").mkdir()
+    csv = write_toy_csv(root / "data")
+    return {"root": root, "certs": certs, "csv": csv,
+            "ledgers": {name: root / name / "ledger" for name in names}}
+
+
+@pytest.fixture(scope="module")
+def deployment(site):
+    data = {node.service: site["csv"] for node in DEFAULT.supernodes}
+    with loopback_deployment(site["root"], site["certs"], site["ledgers"], data) as running:
+        yield running
+
+
+def test_superlink_serves_tls_only(deployment):
+    import httpx
+
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+        httpx.get(f"http://{deployment.address}/health", timeout=2)
+    with pytest.raises(httpx.HTTPError):  # TLS without our CA
+        httpx.get(f"https://{deployment.address}/health", timeout=2)
+
+
+def test_unregistered_supernode_is_refused(deployment, site):
+    intruder = start_supernode(deployment, SuperNodeSpec("intruder", 0, 2), site["root"] / "intruder" / "ledger",
+                               site["csv"], max_wait_time=20, with_superexec=False)
+    try:
+        intruder.popen.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a SuperNode with an unregistered key was not refused within 60 s\n" + intruder.tail())
+    assert intruder.popen.returncode != 0
+    assert "Failed to activate SuperNode" in intruder.tail(), intruder.tail()
+    assert len(online_nodes(deployment)) == len(DEFAULT.supernodes)
+
+
+@pytest.mark.parametrize("node_config, data, message", [
+    (SuperNodeSpec("badpid", 5, 2), None, "partition-id = 5 is outside 0..1"),
+    (SuperNodeSpec("nodata", 0, 2), "missing.csv", "does not exist"),
+])
+def test_bad_supernode_settings_fail_fast(deployment, site, node_config, data, message):
+    data_path = site["root"] / data if data else site["csv"]
+    started = time.monotonic()
+    proc = start_supernode(deployment, node_config, site["root"] / node_config.service / "ledger", data_path,
+                           max_wait_time=10, with_superexec=False)
+    proc.popen.wait(timeout=30)
+    assert proc.popen.returncode == 2 and message in proc.tail(), proc.tail()
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_tls_node_auth_run_completes(deployment, site):
+    run_dir = site["root"] / "run"
+    config = f'{TINY} dataset="{site["csv"]}" run-dir="{run_dir}"'
+    started = time.monotonic()
+    result = deployment.flwr("run", str(REPO), CONNECTION, "--stream", "--run-config", config,
+                             timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + deployment.logs()
+    report = json.loads((run_dir / "privacy.json").read_text())
+    assert {client["id"] for client in report["clients"]} == {"0", "1"}, report
+    for client in report["clients"]:
+        assert [row["round"] for row in client["history"]] == [1, 2]
+        assert 0 < client["epsilon"] <= 50.0
+    # each organisation's ledger is on its own node's ledger path, and only there
+    for node in DEFAULT.supernodes:
+        ledgers = sorted(p.name for p in site["ledgers"][node.service].iterdir())
+        assert ledgers == [f"client-{node.partition_id}.json"], (node.service, ledgers)
+    assert not (run_dir / "ledgers").exists()
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["clients-trained"] for r in rounds[1:]] == [2, 2]
+    print(f"deployed run: {time.monotonic() - started:.0f} s", file=sys.stderr)
