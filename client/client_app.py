@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,18 +22,27 @@ log = get_logger("client")
 
 
 def identity_of(context: Context, run_dir: str) -> ClientIdentity:
-    """Client id = partition id; the ledger sits under node-config `ledger-dir`, else the run dir."""
+    """Client id = node-config `client-id`, else the partition id; the ledger sits under node-config
+    `ledger-dir`, else the run dir."""
     node = context.node_config
     partition_id = int(node.get("partition-id", 0))
     ledger_dir = node.get("ledger-dir") or str(Path(run_dir) / "ledgers")
-    return ClientIdentity(client_id=str(partition_id), partition_id=partition_id,
+    return ClientIdentity(client_id=str(node.get("client-id", partition_id)), partition_id=partition_id,
                           num_partitions=int(node.get("num-partitions", 1)), ledger_dir=Path(str(ledger_dir)))
+
+
+def node_run_config(context: Context) -> RunConfig:
+    """The run config as this node applies it: node-config `dataset` (an organisation's own data file,
+    deployment) replaces the run config's, so each organisation's data stays on its own node."""
+    config = RunConfig.from_flower(context.run_config)
+    dataset = context.node_config.get("dataset")
+    return dataclasses.replace(config, dataset=str(dataset)) if dataset else config
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
-    config = RunConfig.from_flower(context.run_config)
+    config = node_run_config(context)
     settings = msg.content["config"]
     identity = identity_of(context, str(settings["run-dir"]))
     frozen = tuple(part for part in str(settings.get("frozen", "")).split(",") if part)
@@ -64,7 +74,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train("adapter_init")
 def adapter_init(msg: Message, context: Context) -> Message:
     """Round 0 of a private data-driven init: a DP gradient of the adapted layers' weights."""
-    config = RunConfig.from_flower(context.run_config)
+    config = node_run_config(context)
     identity = identity_of(context, str(msg.content["config"]["run-dir"]))
     outcome = init_round(config, identity)
     log.info("client %s: init step, epsilon %.3f", identity.client_id, outcome.metrics["epsilon"])
@@ -86,7 +96,7 @@ def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: Tr
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_flower(context.run_config)
+    config = node_run_config(context)
     identity = identity_of(context, str(msg.content["config"].get("run-dir", ".")))
     metrics = evaluate_round(config, identity, from_record(msg.content["arrays"]))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not command:
             raise PreflightError("no command after --")
-        check_node_config(node_config_of(command))
-        if args.data:
-            check_data(args.data)
+        node_config = node_config_of(command)
+        check_node_config(node_config)
+        data = args.data or str(node_config.get("dataset", ""))  # the organisation's own data file
+        if data:
+            check_data(data)
     except PreflightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The node-config keys a SuperNode sets (read by client.client_app.identity_of).
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "ledger-dir")
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "ledger-dir", "dataset")
 
 # Files that scripts/gen_certs.py writes and the processes read (relative to the certificates directory).
 CA_CERT = "ca.crt"
@@ -49,8 +49,10 @@ class SuperNodeSpec:
     def superexec_service(self) -> str:
         return f"superexec-{self.service}"
 
-    def node_config(self, ledger_dir: str) -> dict[str, object]:
-        return {"partition-id": self.partition_id, "num-partitions": self.num_partitions, "ledger-dir": ledger_dir}
+    def node_config(self, ledger_dir: str, dataset: str) -> dict[str, object]:
+        """`dataset`: this organisation's own data file; the ClientApp reads it instead of the run config's."""
+        return {"partition-id": self.partition_id, "num-partitions": self.num_partitions, "ledger-dir": ledger_dir,
+                "dataset": dataset}
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Topology:
                 "--root-certificates", f"{certs}/{CA_CERT}"]
 
     def supernode_args(self, node: SuperNodeSpec, certs: str, superlink_address: str, host: str, port: int,
-                       ledger_dir: str, max_wait_time: float | None = None) -> list[str]:
+                       ledger_dir: str, dataset: str, max_wait_time: float | None = None) -> list[str]:
         args = ["flower-supernode", "--isolation", "process",
                 "--superlink", superlink_address, "--root-certificates", f"{certs}/{CA_CERT}",
                 "--auth-supernode-private-key", f"{certs}/{auth_private_key(node.service)}",
@@ -93,14 +95,14 @@ class Topology:
                 "--ssl-certfile", f"{certs}/{node_cert(node.service)}",
                 "--ssl-keyfile", f"{certs}/{node_key(node.service)}",
                 "--host", host, "--port", str(port),
-                "--node-config", node_config_string(node.node_config(ledger_dir))]
+                "--node-config", node_config_string(node.node_config(ledger_dir, dataset))]
         if max_wait_time is not None:
             args += ["--max-wait-time", f"{max_wait_time:g}"]
         return args
 
     def supernode_command(self, node: SuperNodeSpec, data: str, **kwargs) -> list[str]:
         """The SuperNode behind deploy.preflight (checks node config and data, then execs flower-supernode)."""
-        return ["python", "-m", "deploy.preflight", "--data", data, "--", *self.supernode_args(node, **kwargs)]
+        return ["python", "-m", "deploy.preflight", "--data", data, "--", *self.supernode_args(node, dataset=data, **kwargs)]
 
 
 def node_config_string(config: dict[str, object]) -> str:
