@@ -19,9 +19,13 @@ import pytest
 from deploy.loopback import CONNECTION, REPO, loopback_deployment, online_nodes, start_supernode
 from deploy.topology import DEFAULT, SuperNodeSpec
 from scripts.gen_certs import generate
+from common.config import RunConfig
+from common.data.partition import client_data
+from common.privacy import poisson_sample_rate
 from tests.conftest import write_toy_csv
 
 RUN_TIMEOUT = 480
+ORG_ROWS_PER_CLASS = (40, 24)
 TINY = ('num-rounds=2 clients-per-round=2 local-steps=3 batch-size=16 max-seq-len=32 examples-per-class=40 '
         'lr=0.02 target-epsilon=50.0 strategy="fedsvd" partitioner="iid"')
 
@@ -31,16 +35,16 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     names = [node.service for node in DEFAULT.supernodes]
     certs = generate(root / "certs", [*names, "intruder"], DEFAULT.superlink_service)
-    (root / "data").mkdir()
-    csv = write_toy_csv(root / "data")
-    return {"root": root, "certs": certs, "csv": csv,
+    csv = write_toy_csv(root / "server-data")  # the server's file: its global test set
+    # each organisation's own file, of a different size, given to its node only (node-config dataset)
+    own = {name: write_toy_csv(root / name / "data", per_class=ORG_ROWS_PER_CLASS[i]) for i, name in enumerate(names)}
+    return {"root": root, "certs": certs, "csv": csv, "own": own,
             "ledgers": {name: root / name / "ledger" for name in names}}
 
 
 @pytest.fixture(scope="module")
 def deployment(site):
-    data = {node.service: site["csv"] for node in DEFAULT.supernodes}
-    with loopback_deployment(site["root"], site["certs"], site["ledgers"], data) as running:
+    with loopback_deployment(site["root"], site["certs"], site["ledgers"], site["own"]) as running:
         yield running
 
 
@@ -99,4 +103,12 @@ def test_tls_node_auth_run_completes(deployment, site):
     assert not (run_dir / "ledgers").exists()
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["clients-trained"] for r in rounds[1:]] == [2, 2]
+    # each node trained on its own organisation's file: its sampling rate is that of its partition of it
+    settings = dict(item.split("=", 1) for item in TINY.split())
+    for node in DEFAULT.supernodes:
+        config = RunConfig.from_flower({k: json.loads(v) if not v.startswith('"') else v.strip('"')
+                                        for k, v in settings.items()} | {"dataset": str(site["own"][node.service])})
+        train = client_data(config, node.partition_id, node.num_partitions).train
+        client = next(c for c in report["clients"] if c["id"] == str(node.partition_id))
+        assert client["history"][0]["sample_rate"] == pytest.approx(poisson_sample_rate(len(train), 16))
     print(f"deployed run: {time.monotonic() - started:.0f} s", file=sys.stderr)
