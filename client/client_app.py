@@ -48,7 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     frozen = tuple(part for part in str(settings.get("frozen", "")).split(",") if part)
     # The server may ask for less than the client's own rank (HetLoRA's rank pruning), never for more.
     rank = min(client_rank(config, context.node_config, identity.partition_id), int(settings.get("rank", 10**9)))
-    outcome = train_round(config_for_rank(config, rank), identity, from_record(msg.content["arrays"]), frozen,
+    config = config_for_rank(config, rank)
+    outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen,
                           int(settings["server-round"]), fold=bool(settings.get("fold", 0)))
     if outcome.refused:
         log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
@@ -56,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
         log.info("client %s round %s: %d DP steps in %.0f s, loss %.3f -> %.3f, epsilon %.3f",
                  identity.client_id, settings["server-round"], outcome.metrics["steps"], time.time() - started,
                  outcome.metrics["first-loss"], outcome.metrics["train-loss"], outcome.metrics["epsilon"])
-    return reply(msg, config_for_rank(config, rank), identity, outcome)
+    return reply(msg, config, identity, outcome)
 
 
 @app.query()

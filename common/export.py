@@ -65,8 +65,7 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     heads = sorted({name.rsplit(".", 1)[0] for name in adapted.head_parameters})
     # A rank-heterogeneous run's global LoRA may have another rank than `rank` (FLoRA's stack); PEFT
     # scales by lora_alpha / r, so keep fedlora's alpha / r_max.
-    config = config_for_rank(config, stored_rank(
-        {n: p for n, p in adapted.model.named_parameters() if n.endswith(".lora_A.weight")}, config.rank))
+    config = config_for_rank(config, stored_rank(dict(adapted.model.named_parameters()), config.rank))
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(config.model), num_labels=adapted.model.config.num_labels)
     peft_model = get_peft_model(base, kind.peft_config(config, heads))

@@ -5,6 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_layer_keys(keys) -> list[tuple[str, str]]:
+    """(A key, B key) of every LoRA layer among `keys`, sorted by name."""
+    return [(k, k[: -len(A_SUFFIX)] + B_SUFFIX) for k in sorted(keys) if k.endswith(A_SUFFIX)]
+
+
+def mean_of_non_lora(payloads: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
+    """Example-weighted mean of every tensor that is not a LoRA factor (the classifier head)."""
+    keys = [k for k in payloads[0] if not k.endswith((A_SUFFIX, B_SUFFIX))]
+    return weighted_mean([{k: p[k] for k in keys} for p in payloads], weights) if keys else {}
+
+
 def weighted_mean(payloads: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """sum_k w_k x_k / sum_k w_k for every key; all payloads must have the same keys and shapes."""
     if not payloads:

@@ -22,11 +22,10 @@ import numpy as np
 from common.config import RunConfig
 from common.errors import FedloraError, exit_on_user_error
 from common.ranks import config_for_rank
-from server.aggregation import weighted_mean
+from server.aggregation import A_SUFFIX, lora_layer_keys, mean_of_non_lora
 from server.lego import lego_merge
 from server.rank_merging import flexlora_merge
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 MERGES: dict[str, Callable] = {"lego": lego_merge, "flexlora": flexlora_merge}
 
 
@@ -53,10 +52,8 @@ def merge_adapters(adapters: list[dict[str, np.ndarray]], weights: list[float], 
     keys = set(adapters[0])
     if any(set(a) != keys for a in adapters):
         raise FedloraError("the client adapters hold different tensors; were they written by one run?")
-    dense = sorted(k for k in keys if not k.endswith((A_SUFFIX, B_SUFFIX)))
-    out = weighted_mean([{k: a[k] for k in dense} for a in adapters], weights) if dense else {}
-    for a_key in sorted(k for k in keys if k.endswith(A_SUFFIX)):
-        b_key = a_key[: -len(A_SUFFIX)] + B_SUFFIX
+    out = mean_of_non_lora(adapters, weights)
+    for a_key, b_key in lora_layer_keys(keys):
         d_out, d_in = adapters[0][b_key].shape[0], adapters[0][a_key].shape[1]
         if rank > min(d_out, d_in):
             raise FedloraError(f"rank {rank} exceeds layer {a_key[: -len(A_SUFFIX)]} ({d_out} x {d_in})")

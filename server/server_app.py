@@ -28,6 +28,7 @@ from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.adapter_init import initial_frozen_factors
+from server.aggregation import lora_layer_keys
 from server.report import build_report, write_report
 from server.strategies import check_compatible, get_strategy
 
@@ -122,7 +123,7 @@ def save_client_adapters(directory: Path, adapters: dict[str, tuple[dict, float]
     is not an adapter on its own.
     """
     complete = {client: value for client, value in adapters.items()
-                if any(k.endswith(".lora_A.weight") for k in value[0])}
+                if lora_layer_keys(value[0])}
     if not complete:
         return
     directory.mkdir(exist_ok=True)

@@ -20,7 +20,8 @@ import numpy as np
 
 from common.logs import get_logger
 from server.rank_merging import hetlora_merge, product_norm
-from server.strategies.rank_hetero import A_SUFFIX, B_SUFFIX, RankHeteroStrategy
+from server.aggregation import lora_layer_keys
+from server.strategies.rank_hetero import RankHeteroStrategy
 
 log = get_logger("server")
 
@@ -44,8 +45,8 @@ class HetLoRA(RankHeteroStrategy):
 def last_component_share(payload: dict[str, np.ndarray]) -> float:
     """Σ_layers ‖b_r a_rᵀ‖_F / Σ_layers ‖B A‖_F for the last rank component r of a reply."""
     last = total = 0.0
-    for a_key in [k for k in payload if k.endswith(A_SUFFIX)]:
-        a, b = payload[a_key], payload[a_key[: -len(A_SUFFIX)] + B_SUFFIX]
+    for a_key, b_key in lora_layer_keys(payload):
+        a, b = payload[a_key], payload[b_key]
         last += float(np.linalg.norm(b[:, -1]) * np.linalg.norm(a[-1]))
         total += product_norm(b, a)
     return last / total if total > 0 else 0.0

@@ -18,12 +18,11 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.logs import get_logger
-from server.aggregation import weighted_mean
+from server.aggregation import lora_layer_keys, mean_of_non_lora
 from server.strategies.base import LoRAStrategy, factor_of
 
 log = get_logger("server")
 QUERY_TIMEOUT_SECONDS = 300.0
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 class RankHeteroStrategy(LoRAStrategy):
@@ -120,12 +119,8 @@ class RankHeteroStrategy(LoRAStrategy):
     def aggregate_payloads(self, payloads: list[dict[str, np.ndarray]], weights: list[float], nodes: list[int],
                            server_round: int) -> dict[str, np.ndarray]:
         """Heads: example-weighted mean. LoRA layers: the strategy's `merge_layer`."""
-        new_global = dict(self.global_arrays)
-        dense = [k for k in payloads[0] if not factor_of(k)]
-        if dense:
-            new_global.update(weighted_mean([{k: p[k] for k in dense} for p in payloads], weights))
-        for a_key in [k for k in self.global_arrays if k.endswith(A_SUFFIX)]:
-            b_key = a_key[: -len(A_SUFFIX)] + B_SUFFIX
+        new_global = {**self.global_arrays, **mean_of_non_lora(payloads, weights)}
+        for a_key, b_key in lora_layer_keys(self.global_arrays):
             a_global, b_global = self.global_arrays[a_key], self.global_arrays[b_key]
             bs = [p[b_key] for p in payloads]
             as_ = [p[a_key] if a_key in p else a_global[: p[b_key].shape[1]] for p in payloads]
