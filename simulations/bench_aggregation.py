@@ -8,7 +8,7 @@ float64 matrix and truncated by `np.linalg.svd`, and (b) plain averaging of K sa
 {"A": r_max x d, "B": d x r_max} with `server.aggregation.weighted_mean`, the cost FedAvg pays.
 
     python -m simulations.bench_aggregation [--quick] [--clients 10,100] [--dims 768,4096] [--seed 0]
-        [--repeats 3] [--power-iters 2] [--skip-dense]
+        [--repeats 3] [--passes 3] [--skip-dense]
 
 Times are the best of `--repeats` runs (1 run for the dense reference at d >= 4096, where it takes tens
 of seconds); peak memory is tracemalloc's peak over the first run (numpy reports its buffers to
@@ -20,8 +20,9 @@ Targets: at K=100, d=4096, FlexLoRA and heterogeneous FedSVD cost <= 3x plain av
 - With K=10, plain averaging takes a few ms, while the exact route pays a fixed cost (two thin Householder
   QRs of d x R in LAPACK, which runs at a few GFLOP/s on such shapes, plus an R x R SVD): its ratio to
   averaging is large although it takes tens of ms. At d=768 the dense SVD is cheap too (~0.3 s).
-- The randomized route (R > RANDOMIZED_ABOVE) applies M or Mᵀ 2q + 2 times, each two float32 GEMMs of
-  d x R x (r_max + 10): about 6 GFLOP at K=100, d=4096, q=2, against averaging's one memory-bound pass.
+- The randomized route (R > RANDOMIZED_ABOVE) applies M or Mᵀ `--passes` times, each two float32 GEMMs of
+  d x R x (r_max + 10), about 1 GFLOP per pass at K=100, d=4096, plus one copy of every client's factors
+  into the stacks; averaging is one memory-bound pass over twice as many numbers (all at rank r_max).
 Timings on a shared 2-core machine vary by 2x between runs; multi-threaded BLAS suffers most when
 another process competes for the cores. `OPENBLAS_NUM_THREADS=1` gives steadier (slower) numbers.
 """
@@ -76,7 +77,7 @@ def dense_reference(bs, as_, weights, rank):
 
 
 def run_setting(clients: int, d: int, rng: np.random.Generator, repeats: int, methods: tuple[str, ...],
-                power_iters: int) -> dict[str, tuple[float, float]]:
+                passes: int) -> dict[str, tuple[float, float]]:
     r_max = max(RANKS)
     ranks = rng.choice(RANKS, size=clients)
     weights = rng.integers(100, 1000, size=clients).astype(float).tolist()
@@ -89,10 +90,10 @@ def run_setting(clients: int, d: int, rng: np.random.Generator, repeats: int, me
     fedsvd_bs = [b_global[:, :r] + 0.01 * b[:, :r] for b, r in zip(bs, ranks, strict=True)]
     routes = {
         "avg": lambda: weighted_mean(payloads, weights),
-        "flexlora": lambda: flexlora_merge(bs, as_, weights, r_max, power_iters=power_iters),
+        "flexlora": lambda: flexlora_merge(bs, as_, weights, r_max, passes=passes),
         "fedsvd_het": lambda: hetero_fedsvd_merge(fedsvd_bs, b_global, a_global, weights, r_max),
         "hetlora": lambda: hetlora_merge(bs, as_, weights, r_max),
-        "flora": lambda: flora_stack(b_global, a_global, bs, as_, weights, max_rank=r_max, power_iters=power_iters),
+        "flora": lambda: flora_stack(b_global, a_global, bs, as_, weights, max_rank=r_max, passes=passes),
         "dense": lambda: dense_reference(bs, as_, weights, r_max),
     }
     results = {}
@@ -108,8 +109,8 @@ def main() -> None:
     parser.add_argument("--dims", default="768,4096", help="comma-separated d values (square d x d layers)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--power-iters", type=int, default=2,
-                        help="power iterations of the randomized SVD (FlexLoRA and FLoRA above RANDOMIZED_ABOVE)")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="products with M or Mᵀ in the randomized SVD (FlexLoRA and FLoRA above RANDOMIZED_ABOVE)")
     parser.add_argument("--skip-dense", action="store_true", help="do not time the (slow) dense reference")
     args = parser.parse_args()
     clients = [10] if args.quick else [int(k) for k in args.clients.split(",")]
@@ -119,14 +120,14 @@ def main() -> None:
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     methods = METHODS[:-1] if args.skip_dense else METHODS
     print(f"ranks ~ U{list(RANKS)}, r_max={max(RANKS)}, float32, best of {args.repeats}, BLAS threads {threads}, "
-          f"power iterations {args.power_iters}, RANDOMIZED_ABOVE={RANDOMIZED_ABOVE}")
+          f"randomized SVD passes {args.passes}, RANDOMIZED_ABOVE={RANDOMIZED_ABOVE}")
     print(f"{'K':>4} {'d':>5} {'R':>5} | time ms: " + " ".join(f"{m:>10}" for m in methods)
           + " | peak MiB: " + " ".join(f"{m:>8}" for m in methods)
           + " | flex/avg fsvd/avg dense/flex", flush=True)
     worst_vs_avg, min_speedup = 0.0, float("inf")
     for k in clients:
         for d in dims:
-            res = run_setting(k, d, rng, args.repeats, methods, args.power_iters)
+            res = run_setting(k, d, rng, args.repeats, methods, args.passes)
             t = {m: res[m][0] for m in methods}
             flex_avg, fsvd_avg = t["flexlora"] / t["avg"], t["fedsvd_het"] / t["avg"]
             speedup = t["dense"] / t["flexlora"] if "dense" in t else float("nan")

@@ -235,12 +235,12 @@ def test_randomized_route_meets_the_hmt_bound_on_a_decaying_spectrum(dtype, monk
     calls = []
     monkeypatch.setattr(rank_merging, "_randomized_svd",
                         lambda *args: calls.append(args) or _randomized_svd(*args))
-    rank, oversample, power_iters = 16, 10, 2
+    rank, oversample, passes = 16, 10, 3  # svd_of_product's defaults
     new_b, new_a = flexlora_merge(bs, as_, weights, rank)  # R = 540 > RANDOMIZED_ABOVE: "auto" goes randomized
     assert len(calls) == 1 and sum(b.shape[1] for b in bs) > RANDOMIZED_ABOVE
     error = np.linalg.norm(m - new_b.astype(np.float64) @ new_a.astype(np.float64), 2)
     optimal = sigma[rank]  # σ_{rank+1}
-    bound = 1 + randomized_error_factor(rank, oversample, power_iters, min(m.shape))
+    bound = 1 + randomized_error_factor(rank, oversample, passes, min(m.shape))
     assert error <= bound * optimal
     assert error <= 1.5 * optimal
     assert_orthonormal_rows(new_a, atol=1e-5 if dtype == np.float32 else 1e-10)
@@ -249,16 +249,77 @@ def test_randomized_route_meets_the_hmt_bound_on_a_decaying_spectrum(dtype, monk
 _randomized_svd = rank_merging._randomized_svd
 
 
-def test_randomized_route_meets_the_hmt_bound_on_a_flat_spectrum():
+@pytest.mark.parametrize("passes", [2, 3, 4, 5])
+def test_randomized_route_meets_the_hmt_bound_on_a_flat_spectrum(passes):
+    """Odd counts end on the row side (M ≈ M W Wᵀ), even ones on the column side; both obey the bound."""
     bs, as_, weights = clients([20] * 30, d_out=300, d_in=260, seed=4)
     m = mean_product(bs, as_, weights)
-    new_b, new_a = flexlora_merge(bs, as_, weights, 16, method="randomized")
+    new_b, new_a = flexlora_merge(bs, as_, weights, 16, method="randomized", passes=passes)
     singular_values = np.linalg.svd(m, compute_uv=False)
     error = np.linalg.norm(m - new_b @ new_a, 2)
-    assert error <= (1 + randomized_error_factor(16, 10, 2, 260)) * singular_values[16]
+    assert error <= (1 + randomized_error_factor(16, 10, passes, 260)) * singular_values[16]
     assert error >= singular_values[16] * (1 - 1e-9)  # Eckart–Young: nothing beats the truncated SVD
-    plain_b, plain_a = flexlora_merge(bs, as_, weights, 16, method="randomized", power_iters=0)
-    assert error < np.linalg.norm(m - plain_b @ plain_a, 2)  # power iterations sharpen a flat spectrum (~1.03 vs ~1.16)
+    assert_orthonormal_rows(new_a)
+    if passes > 2:  # each pass sharpens a flat spectrum
+        fewer_b, fewer_a = flexlora_merge(bs, as_, weights, 16, method="randomized", passes=passes - 1)
+        assert error < np.linalg.norm(m - fewer_b @ fewer_a, 2)
+
+
+def shared_subspace_clients(d=512, n_clients=60, seed=1):
+    """Federated-looking updates: every client's B_k A_k mixes one decaying 48-dim signal, plus noise."""
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.normal(size=(d, 48)))[0] * np.exp(-np.arange(48) / 8)
+    v = np.linalg.qr(rng.normal(size=(d, 48)))[0]
+    bs, as_ = [], []
+    for r in rng.choice((4, 8, 16, 32), size=n_clients):
+        mix = rng.normal(size=(48, r))
+        bs.append((u @ mix + 0.3 * rng.normal(size=(d, r)) / math.sqrt(d)).astype(np.float32))
+        as_.append((mix.T @ v.T / math.sqrt(48) + 0.3 * rng.normal(size=(r, d)) / math.sqrt(d)).astype(np.float32))
+    return bs, as_, rng.integers(100, 1000, size=n_clients).astype(float).tolist()
+
+
+@pytest.mark.parametrize(("scenario", "passes", "within"), [
+    ("shared", 3, 1.01), ("shared", 4, 1.001), ("flat", 3, 1.06), ("flat", 4, 1.04)])
+def test_randomized_frobenius_error_is_close_to_the_optimum(scenario, passes, within):
+    """What `svd_of_product`'s docstring promises for the default (3 passes) and for 4 passes, at K = 60."""
+    if scenario == "shared":
+        bs, as_, weights = shared_subspace_clients()
+    else:
+        rng = np.random.default_rng(1)
+        ranks = rng.choice((4, 8, 16, 32), size=60)
+        bs = [(rng.normal(size=(512, r)) / math.sqrt(r)).astype(np.float32) for r in ranks]
+        as_ = [(rng.normal(size=(r, 512)) / math.sqrt(512)).astype(np.float32) for r in ranks]
+        weights = rng.integers(100, 1000, size=60).astype(float).tolist()
+    m = mean_product(bs, as_, weights)
+    singular_values = np.linalg.svd(m, compute_uv=False)
+    optimal = math.sqrt(np.sum(singular_values[32:] ** 2))
+    new_b, new_a = flexlora_merge(bs, as_, weights, 32, passes=passes)  # R > RANDOMIZED_ABOVE: randomized
+    assert sum(b.shape[1] for b in bs) > RANDOMIZED_ABOVE
+    error = np.linalg.norm(m - new_b.astype(np.float64) @ new_a.astype(np.float64))
+    assert optimal * (1 - 1e-6) <= error <= within * optimal
+
+
+def test_orthonormal_basis_falls_back_to_householder_where_cholesky_cannot_be_trusted():
+    rng = np.random.default_rng(5)
+    well = rng.normal(size=(200, 12))
+    deficient = well.copy()
+    deficient[:, 6:] = deficient[:, :6]  # rank 6: YᵀY is singular
+    u = np.linalg.qr(rng.normal(size=(200, 12)))[0]
+    ill = (u * np.logspace(0, -12, 12)) @ np.linalg.qr(rng.normal(size=(12, 12)))[0]  # κ = 1e12 > 1e8
+    for y in (well, deficient, ill, well.astype(np.float32)):
+        q = rank_merging._orthonormal_basis(y)
+        assert q.dtype == y.dtype and q.shape == y.shape
+        np.testing.assert_allclose(q.astype(np.float64).T @ q, np.eye(12), atol=1e-5 if y.dtype == np.float32 else 1e-12)
+        np.testing.assert_allclose(q @ (q.T @ y), y, atol=1e-5 * np.abs(y).max())  # q spans y
+
+
+def test_the_gaussian_test_matrix_is_cached_read_only_and_seeded():
+    first = rank_merging._gaussian_test_matrix(50, 7, "float32", 0)
+    assert first is rank_merging._gaussian_test_matrix(50, 7, "float32", 0)
+    assert not first.flags.writeable and first.dtype == np.float32
+    assert not np.array_equal(first, rank_merging._gaussian_test_matrix(50, 7, "float32", 1))
+    with pytest.raises(ValueError, match="at least 2 passes"):
+        svd_of_product(np.ones((600, 600)), np.ones((600, 600)), 4, method="randomized", passes=1)
 
 
 def test_flexlora_at_full_rank_is_the_exact_mean_and_below_it_the_dense_truncation():
@@ -386,3 +447,24 @@ def test_bad_inputs_are_refused_with_a_reason():
         svd_of_product(b_stack, a_stack, 2, method="dense")
     with pytest.raises(ValueError, match="matrices"):
         product_norm(np.ones(3), np.ones((1, 3)))
+
+
+def test_flexlora_reuses_its_stack_buffers_without_aliasing_results():
+    """Consecutive merges of different shapes (grow, shrink, other dtype) through the per-thread workspace
+    give what fresh stacks give, and a later merge never changes an earlier result."""
+    cases = [clients((4, 8, 16), d_out=50, d_in=40, seed=1), clients((32, 32, 16, 8), d_out=70, d_in=60, seed=2),
+             clients((2, 3), d_out=30, d_in=20, seed=3),
+             clients((4, 8), d_out=50, d_in=40, seed=4, dtype=np.float32)]
+    results = []
+    for bs, as_, weights in cases:
+        new_b, new_a = flexlora_merge(bs, as_, weights, 4)
+        fresh_b, fresh_a = svd_of_product(*stack_factors(bs, as_, weights), 4)
+        np.testing.assert_array_equal(new_b, fresh_b)
+        np.testing.assert_array_equal(new_a, fresh_a)
+        results.append((new_b.copy(), new_a.copy(), new_b, new_a))
+    for copy_b, copy_a, new_b, new_a in results:
+        np.testing.assert_array_equal(copy_b, new_b)
+        np.testing.assert_array_equal(copy_a, new_a)
+    b_stack, _ = stack_factors(*cases[0])
+    again, _ = stack_factors(*cases[0])
+    assert not np.shares_memory(b_stack, again)  # the public stacks are always fresh
