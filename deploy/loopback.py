@@ -176,7 +176,7 @@ def loopback_deployment(root: Path, certs: Path, ledger_dirs: dict[str, Path], d
         link_home = root / topology.superlink_service / "flwr-home"
         link_home.mkdir(parents=True, exist_ok=True)
         link_env = base_env(link_home)
-        superlink = deployment.start(topology.superlink_service, topology.superlink_args(
+        superlink = deployment.start(topology.superlink_service, topology.superlink_command(
             str(certs), "127.0.0.1", port, str(root / "superlink-state.db")), link_env)
         wait_healthy(superlink, f"https://127.0.0.1:{port}/health", certs / CA_CERT)
         deployment.start(topology.superexec_serverapp_service,

@@ -63,8 +63,8 @@ def services(topology: Topology = DEFAULT) -> dict:
     out[link] = {
         **_base(topology),
         "build": {"context": ".", "dockerfile": "Dockerfile"},
-        "command": topology.superlink_args(certs, "0.0.0.0", topology.superlink_port,
-                                           f"{topology.container_state}/state.db"),
+        "command": topology.superlink_command(certs, "0.0.0.0", topology.superlink_port,
+                                              f"{topology.container_state}/state.db"),
         "ports": [f"{topology.superlink_port}:{topology.superlink_port}"],
         "volumes": [_cert(CA_CERT, topology), _cert(SERVER_CERT, topology), _cert(SERVER_KEY, topology),
                     f"superlink-state:{topology.container_state}"],
@@ -113,7 +113,9 @@ def compose(topology: Topology = DEFAULT) -> dict:
     volumes = ["superlink-state", "server-data", "runs"]
     for node in topology.supernodes:
         volumes += [f"{node.service}-data", f"{node.service}-ledger"]
-    return {"name": "fedlora", "services": services(topology), "networks": {"fedlora": {}},
+    # No top-level `name`: Compose v1 (Debian's docker-compose, which the tests run) rejects it; the project
+    # takes the directory's name, or `docker compose -p NAME`.
+    return {"services": services(topology), "networks": {"fedlora": {}},
             "volumes": {name: {} for name in volumes}}
 
 

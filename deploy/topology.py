@@ -82,6 +82,10 @@ class Topology:
                 "--ssl-keyfile", f"{certs}/{SERVER_KEY}",
                 "--host", host, "--port", str(port), "--database", database]
 
+    def superlink_command(self, certs: str, host: str, port: int, database: str) -> list[str]:
+        """The SuperLink behind deploy.preflight (checks its certificate, key and CA, then execs flower-superlink)."""
+        return ["python", "-m", "deploy.preflight", "--", *self.superlink_args(certs, host, port, database)]
+
     def superexec_args(self, certs: str, runtime_address: str) -> list[str]:
         return ["flower-superexec", "--runtime-api-address", runtime_address,
                 "--root-certificates", f"{certs}/{CA_CERT}"]

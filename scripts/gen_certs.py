@@ -61,13 +61,23 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def validity(days: float = VALID_DAYS, start_days: float = 0.0) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after): from `start_days` from now (minus 5 minutes of clock skew) for `days` days.
+
+    Tests build expired (start_days=-10, days=1) or not-yet-valid (start_days=+10) certificates with it.
+    """
+    start = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=start_days) - dt.timedelta(minutes=5)
+    return start, start + dt.timedelta(days=days)
+
+
+def make_ca(out: Path, valid: tuple[dt.datetime, dt.datetime] | None = None
+            ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    not_before, not_after = valid or validity()
     cert = (x509.CertificateBuilder().subject_name(_name("fedlora development CA"))
             .issuer_name(_name("fedlora development CA")).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+            .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False,
@@ -81,15 +91,15 @@ def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 
 def make_server_cert(out: Path, stem: str, dns_names: list[str], ca_cert: x509.Certificate,
-                     ca_key: ec.EllipticCurvePrivateKey) -> None:
+                     ca_key: ec.EllipticCurvePrivateKey, valid: tuple[dt.datetime, dt.datetime] | None = None) -> None:
     """`<stem>.pem` / `<stem>.key`: a TLS server certificate for these DNS names and the loopback IPs."""
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    not_before, not_after = valid or validity()
     names = list(dict.fromkeys([*dns_names, *LOOPBACK_NAMES]))
     san = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOOPBACK_IPS]
     cert = (x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+            .not_valid_before(not_before).not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

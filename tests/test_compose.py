@@ -54,7 +54,9 @@ def test_same_topology_as_loopback():
     assert sorted(supernodes) == sorted(node.service for node in DEFAULT.supernodes)
     superexecs = [s for s in services.values() if s["command"][0] == "flower-superexec"]
     assert len(superexecs) == len(DEFAULT.supernodes) + 1
-    assert [s for s in services.values() if s["command"][0] == "flower-superlink"] == [services["superlink"]]
+    assert [s for s in services.values() if "flower-superlink" in s["command"]] == [services["superlink"]]
+    assert services["superlink"]["command"] == DEFAULT.superlink_command(  # behind the certificate preflight
+        DEFAULT.container_certs, "0.0.0.0", DEFAULT.superlink_port, f"{DEFAULT.container_state}/state.db")
     partitions = set()
     for node in DEFAULT.supernodes:
         command = supernodes[node.service]["command"]
@@ -148,10 +150,10 @@ def test_docker_compose_config_accepts_it():
 def test_preflight_rejects_bad_node_settings(tmp_path, capsys):
     from deploy.preflight import main
 
-    ok = ["--", "true", "--node-config", f'partition-id=0 num-partitions=2 ledger-dir="{tmp_path / "l"}"']
+    ok = ["--", "flower-supernode", "--node-config", f'partition-id=0 num-partitions=2 ledger-dir="{tmp_path / "l"}"']
     assert main(["--data", str(tmp_path / "missing.csv"), *ok]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["--", "true", "--node-config", "partition-id=2 num-partitions=2"]) == 2
+    assert main(["--", "flower-supernode", "--node-config", "partition-id=2 num-partitions=2"]) == 2
     assert "partition-id = 2 is outside 0..1" in capsys.readouterr().err
-    assert main(["--", "true"]) == 2
+    assert main(["--", "flower-supernode"]) == 2
     assert "no --node-config" in capsys.readouterr().err

@@ -10,15 +10,19 @@ Every process runs in its own process group and is killed by group when the modu
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from deploy.loopback import CONNECTION, REPO, loopback_deployment, online_nodes, start_supernode
-from deploy.topology import DEFAULT, SuperNodeSpec
-from scripts.gen_certs import generate
+from deploy.loopback import (CONNECTION, REPO, Deployment, base_env, loopback_deployment, online_nodes,
+                             start_supernode, stop)
+from deploy.topology import CA_CERT, DEFAULT, SERVER_CERT, SERVER_KEY, SuperNodeSpec
+from scripts.gen_certs import generate, make_ca, make_server_cert, validity
+from simulations.flower_sim import free_port
 from common.config import RunConfig
 from common.data.partition import client_data
 from common.privacy import poisson_sample_rate
@@ -81,6 +85,71 @@ def test_bad_supernode_settings_fail_fast(deployment, site, node_config, data, m
     proc.popen.wait(timeout=30)
     assert proc.popen.returncode == 2 and message in proc.tail(), proc.tail()
     assert time.monotonic() - started < 30
+
+
+def _supernode_exits(proc, seconds: float = 60) -> str:
+    try:
+        proc.popen.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.name} still running after {seconds:.0f} s\n{proc.tail()}")
+    assert proc.popen.returncode == 2, proc.tail()
+    return proc.tail()
+
+
+def test_supernode_with_another_ca_is_refused_at_start(deployment, site):
+    """Its CA cannot verify the SuperLink's certificate: preflight's TLS probe says so and exits, no retries."""
+    other = site["root"] / "other-ca"
+    other.mkdir(exist_ok=True)
+    make_ca(other)
+    node = DEFAULT.supernodes[0]
+    command = DEFAULT.supernode_command(node, str(site["csv"]), certs=str(deployment.certs),
+                                       superlink_address=deployment.address, host="127.0.0.1", port=free_port(),
+                                       ledger_dir=str(site["root"] / "other-ca-ledger"), max_wait_time=10)
+    command[command.index("--root-certificates") + 1] = str(other / CA_CERT)
+    started = time.monotonic()
+    proc = deployment.start("other-ca-node", command, base_env(site["root"] / "other-ca-home"))
+    tail = _supernode_exits(proc)
+    assert f"error: the server at {deployment.address} presented a certificate that" in tail
+    assert "issued by another CA" in tail and time.monotonic() - started < 30
+    assert len(online_nodes(deployment)) == len(DEFAULT.supernodes)
+
+
+def test_expired_superlink_certificate_is_refused_on_both_sides(site, tmp_path):
+    """The SuperLink's preflight will not start on an expired certificate; a flower-superlink started on one
+    anyway (no preflight) is refused by every SuperNode's preflight at once, with the reason."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    certs = tmp_path / "certs"
+    shutil.copytree(site["certs"], certs)
+    ca_cert = x509.load_pem_x509_certificate((certs / CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    make_server_cert(certs, "server", ["superlink"], ca_cert, ca_key, valid=validity(days=1, start_days=-10))
+    assert SERVER_CERT == "server.pem" and SERVER_KEY == "server.key"
+    deployment = Deployment(root=tmp_path, certs=certs, superlink_port=free_port(), cli_env={})
+    env = base_env(tmp_path / "link-home")
+    try:
+        refused = deployment.start("preflight-superlink", DEFAULT.superlink_command(
+            str(certs), "127.0.0.1", deployment.superlink_port, str(tmp_path / "state.db")), env)
+        assert "error: certificate" in _supernode_exits(refused, 30) and "expired on" in refused.tail()
+        deployment.start("superlink", DEFAULT.superlink_args(  # bypass the preflight: serve the expired one
+            str(certs), "127.0.0.1", deployment.superlink_port, str(tmp_path / "state.db")), env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", deployment.superlink_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("flower-superlink did not listen within 60 s\n" + deployment.logs())
+        node = start_supernode(deployment, DEFAULT.supernodes[0], tmp_path / "ledger", site["csv"],
+                               max_wait_time=10, with_superexec=False)
+        tail = _supernode_exits(node)
+        assert "certificate has expired" in tail and "must be renewed" in tail, tail
+    finally:
+        for proc in reversed(deployment.procs):
+            stop(proc)
 
 
 @pytest.mark.slow
