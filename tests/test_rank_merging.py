@@ -129,6 +129,32 @@ def test_exact_route_in_float32_matches_the_float64_dense_svd():
     assert_orthonormal_rows(new_a, atol=1e-6)
 
 
+@pytest.mark.parametrize("spread", [1.0, 1e-4, 1e-7, 1e-10, 0.0])
+def test_exact_route_stays_exact_when_clients_start_from_one_global_a(spread, monkeypatch):
+    """FlexLoRA's real stacks: every client's A starts from the same global A, so the stacked A's rows are
+    nearly dependent (spread -> 0). CholeskyQR2 serves well-conditioned stacks and Householder the rest;
+    either way the result is the dense truncation, and the test checks that both routes were taken."""
+    rng = np.random.default_rng(11)
+    a_global = np.linalg.qr(rng.normal(size=(60, 16)))[0].T
+    ranks = (4, 8, 16, 16)
+    bs = [rng.normal(size=(50, r)) for r in ranks]
+    as_ = [a_global[:r] + spread * rng.normal(size=(r, 60)) for r in ranks]
+    weights = [30.0, 10.0, 25.0, 35.0]
+    routes = []
+    original = rank_merging._cholesky_qr2
+    monkeypatch.setattr(rank_merging, "_cholesky_qr2", lambda x: routes.append(original(x) is not None)
+                        or original(x))
+    new_b, new_a = flexlora_merge(bs, as_, weights, 8, method="exact")
+    dense_b, dense_a = dense_best(mean_product(bs, as_, weights), 8)
+    np.testing.assert_allclose(new_b @ new_a, dense_b @ dense_a, rtol=0, atol=1e-9 * np.abs(dense_b).max())
+    assert_orthonormal_rows(new_a)
+    assert routes[0] is True  # the stacked B's are random: CholeskyQR2
+    if spread >= 1e-4:
+        assert routes[1] is True
+    if spread <= 1e-10:  # (numerically) dependent A rows: the Cholesky or its check fails -> Householder
+        assert routes[1] is False
+
+
 def test_every_prefix_is_the_best_approximation_of_its_rank():
     bs, as_, weights = clients((4, 8, 16))
     b_stack, a_stack = stack_factors(bs, as_, weights)
