@@ -95,15 +95,26 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: int = 1,
-             gpus_per_client: float = 0.0) -> int:
-    """`flwr run . fedlora-sim --stream` with these run-config overrides; returns its exit code."""
+             gpus_per_client: float = 0.0, stdout=None, timeout: float | None = None) -> int | None:
+    """`flwr run . fedlora-sim --stream` with these run-config overrides; returns its exit code.
+
+    `stdout`: where Flower's log goes (default: ours). With `timeout` (seconds), a run still going then is
+    killed and None returned (the SuperLink's simulation stops with the SuperLink).
+    """
     overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
     command = [
         _bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
         "--run-config", overrides,
         "--federation-config", federation_config(num_supernodes, cpus_per_client, gpus_per_client),
     ]
-    return subprocess.call(command, env=env, cwd=APP_DIR)
+    process = subprocess.Popen(command, env=env, cwd=APP_DIR, stdout=stdout,
+                               stderr=subprocess.STDOUT if stdout is not None else None)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
 
 
 def federation_config(num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> str:

@@ -1,0 +1,156 @@
+"""A sweep's TOML file: which run-config keys vary (the grid), which stay fixed, and how many clients.
+
+    [sweep]
+    num-clients = 8                    # simulated SuperNodes per cell
+    delta = "auto"                     # or a number: "auto" = min(1e-5, 1 / (10 n)), n = smallest client's examples
+    reference = true                   # also run centralized non-private LoRA on the pooled data, per seed
+    results = "results/cpu.jsonl"      # default: results/<file stem>.jsonl beside the current directory
+
+    [sweep.fixed]                      # run-config keys of every cell (pyproject.toml's defaults for the rest)
+    num-rounds = 3
+
+    [sweep.grid]                       # one cell per combination, in this order
+    strategy = ["fedavg_lora", "ffa_lora", "fedsvd"]
+    target-epsilon = [1.0, 3.0, 8.0, inf]
+    partitioner = ["iid", "dirichlet"]
+    seed = [0, 1, 2]
+
+Every cell's run config is validated (`RunConfig.from_flower`, the strategy/adapter check) before the
+first cell starts, so a typo costs a second, not a half-finished sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import RunConfig
+from common.errors import ConfigError
+
+SWEEP_KEYS = {"num-clients", "delta", "reference", "results"}
+# The centralized reference: one client holding every client's data, no DP, the same number of steps.
+REFERENCE_STRATEGY = "centralized"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulation of the sweep: its run-config overrides and how many clients it simulates."""
+
+    overrides: dict
+    num_clients: int
+    kind: str = "federated"  # or "reference"
+
+    @property
+    def id(self) -> str:
+        """Stable across runs of the sweep (resume finds finished cells by it): a hash of what defines it."""
+        blob = json.dumps({"overrides": self.overrides, "num_clients": self.num_clients, "kind": self.kind},
+                          sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        varying = " ".join(f"{k}={_short(v)}" for k, v in sorted(self.overrides.items())
+                           if k not in ("run-dir",))
+        return f"[{self.kind}] {varying}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    path: Path
+    num_clients: int
+    delta: float | str
+    reference: bool
+    results: Path
+    fixed: dict
+    grid: dict[str, list] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """The grid's cells (product of the grid's values, in file order), then the reference cells."""
+        keys = list(self.grid)
+        cells = [Cell({**self.fixed, **dict(zip(keys, values, strict=True))}, self.num_clients)
+                 for values in itertools.product(*(self.grid[k] for k in keys))]
+        if self.reference:
+            seeds = self.grid.get("seed", [self.fixed.get("seed", RunConfig.seed)])
+            for seed in seeds:
+                cells.append(reference_cell(self, seed))
+        return cells
+
+
+def reference_cell(sweep: Sweep, seed) -> Cell:
+    """Centralized non-private LoRA on the pooled data: one client holds all of it (IID, one partition) and
+    sees per step the examples all clients of a federated round see together: the same `local-steps`, at a
+    batch of clients-per-round x batch-size (the large-batch twin of averaging the clients' steps; taking
+    clients-per-round times as many sequential Adam steps instead diverged at the default lr)."""
+    fixed = dict(sweep.fixed)
+    clients_per_round = int(fixed.get("clients-per-round", min(sweep.num_clients, RunConfig.clients_per_round)))
+    batch = int(fixed.get("batch-size", RunConfig.batch_size)) * clients_per_round
+    for key in ("strategy", "target-epsilon", "partitioner", "clients-per-round", "batch-size", "noise-multiplier"):
+        fixed.pop(key, None)
+    overrides = {**fixed, "seed": seed, "strategy": "fedavg_lora", "target-epsilon": math.inf, "partitioner": "iid",
+                 "clients-per-round": 1, "batch-size": batch}
+    return Cell(overrides, num_clients=1, kind="reference")
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Parse and check a sweep file; ConfigError (one line) on anything wrong."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"sweep file {path} is not valid TOML: {err}") from None
+    sweep = data.get("sweep")
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"sweep file {path} needs a [sweep] table (with [sweep.grid] and [sweep.fixed])")
+    grid, fixed = sweep.get("grid", {}), sweep.get("fixed", {})
+    settings = {k: v for k, v in sweep.items() if k not in ("grid", "fixed")}
+    unknown = sorted(set(settings) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown [sweep] key(s) {', '.join(unknown)}; known: {', '.join(sorted(SWEEP_KEYS))}")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError("[sweep.grid] is missing or empty: give at least one key with a list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"[sweep.grid] {key} must be a non-empty list, got {values!r}")
+    overlap = sorted(set(grid) & set(fixed))
+    if overlap:
+        raise ConfigError(f"{', '.join(overlap)} is both in [sweep.grid] and [sweep.fixed]: keep it in one")
+    if "run-dir" in grid or "run-dir" in fixed:
+        raise ConfigError("run-dir is set by the sweep (one directory per cell under the results' runs/)")
+    num_clients = settings.get("num-clients", 8)
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ConfigError(f"[sweep] num-clients = {num_clients!r} must be an integer >= 1")
+    delta = settings.get("delta", "auto")
+    if delta != "auto" and not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ConfigError(f"[sweep] delta = {delta!r} must be \"auto\" or a number in (0, 1)")
+    if "delta" in grid or "delta" in fixed:
+        raise ConfigError("set delta in [sweep] (\"auto\" or a number), not in the grid or fixed keys")
+    results = Path(settings.get("results", Path("results") / f"{Path(path).stem}.jsonl"))
+    return Sweep(path=Path(path), num_clients=num_clients, delta=delta, reference=bool(settings.get("reference", False)),
+                 results=results, fixed=dict(fixed), grid=dict(grid))
+
+
+def check_cells(cells: list[Cell], defaults: dict) -> None:
+    """Every cell's run config parses and its strategy fits its adapter (before anything runs)."""
+    from server.strategies import check_compatible
+
+    for cell in cells:
+        config = RunConfig.from_flower({**defaults, **cell.overrides})
+        check_compatible(config.strategy, config.adapter, config.client_rank_list)
+        if cell.kind == "federated" and config.clients_per_round > cell.num_clients:
+            raise ConfigError(f"cell {cell.label()}: clients-per-round = {config.clients_per_round} exceeds "
+                              f"num-clients = {cell.num_clients}")
+
+
+def auto_delta(smallest_client_examples: int) -> float:
+    """min(1e-5, 1/(10 n)): below 1/n by a factor of 10 for the smallest client (delta >= 1/n allows
+    releasing a whole record), and no larger than the customary 1e-5."""
+    return min(1e-5, 1.0 / (10 * smallest_client_examples))
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,169 @@
+"""The sweep runner: grid expansion, resume (finished cells never rerun, failed ones recorded and retried),
+the summary statistics, and bad sweep files as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from common.errors import ConfigError
+from simulations.plot_sweep import mean_interval, plot, summary_table
+from simulations.sweep import read_results, run_sweep
+from simulations.sweep_config import auto_delta, check_cells, load_sweep
+
+GRID = """
+[sweep]
+num-clients = 3
+reference = true
+results = "{results}"
+
+[sweep.fixed]
+num-rounds = 2
+local-steps = 4
+clients-per-round = 3
+
+[sweep.grid]
+strategy = ["ffa_lora", "fedsvd"]
+target-epsilon = [3.0, inf]
+seed = [0, 1]
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(GRID.format(results=tmp_path / "out" / "tiny.jsonl"))
+    return path
+
+
+def fake_row(cell, accuracy=0.5):
+    eps = cell.overrides["target-epsilon"]
+    return {"status": "ok", "accuracy": accuracy, "loss": 1.0, "epsilon_max": None if math.isinf(eps) else eps,
+            "bytes_up": 1000, "bytes_down": 2000, "intruders_total": 3,
+            "rounds": [{"round": r, "accuracy": accuracy * r / 2} for r in range(3)]}
+
+
+def test_the_grid_is_the_product_in_file_order_plus_one_reference_per_seed(sweep_file):
+    sweep = load_sweep(sweep_file)
+    cells = sweep.cells()
+    federated = [c for c in cells if c.kind == "federated"]
+    assert len(federated) == 8 and len({c.id for c in cells}) == len(cells) == 10
+    assert federated[0].overrides == {"num-rounds": 2, "local-steps": 4, "clients-per-round": 3,
+                                      "strategy": "ffa_lora", "target-epsilon": 3.0, "seed": 0}
+    assert [c.overrides["seed"] for c in federated[:2]] == [0, 1]  # the last grid key varies fastest
+    references = [c for c in cells if c.kind == "reference"]
+    assert [c.overrides["seed"] for c in references] == [0, 1]
+    ref = references[0]
+    assert ref.num_clients == 1 and math.isinf(ref.overrides["target-epsilon"])
+    assert ref.overrides["local-steps"] == 4 and ref.overrides["batch-size"] == 64 * 3  # a round's examples
+    assert [c.id for c in load_sweep(sweep_file).cells()] == [c.id for c in cells]  # ids are stable
+
+
+def test_resume_skips_finished_cells_and_retries_failed_ones(sweep_file):
+    sweep = load_sweep(sweep_file)
+    cells = sweep.cells()
+    broken = cells[3].id
+    calls, attempts = [], []
+
+    def run_cell(cell, defaults, runs_dir):
+        calls.append(cell.id)
+        attempts.append(cell.id)
+        if cell.id == broken and attempts.count(broken) == 1:
+            raise RuntimeError("flwr exit code 1, no privacy report")
+        return fake_row(cell)
+
+    logs = []
+    first = run_sweep(sweep, run_cell, {}, log=logs.append)
+    assert len(first) == len(cells) and calls == [c.id for c in cells]
+    latest = read_results(sweep.results)
+    assert latest[broken]["status"] == "failed" and "no privacy report" in latest[broken]["error"]
+    assert sum(row["status"] == "ok" for row in latest.values()) == len(cells) - 1
+    assert any("FAILED: RuntimeError: flwr exit code 1" in line for line in logs)
+    assert "rerun the same command to retry" in logs[-1]
+
+    calls.clear()
+    second = run_sweep(sweep, run_cell, {}, log=logs.append)
+    assert calls == [broken] and second[0]["status"] == "ok"
+    rows = [json.loads(line) for line in sweep.results.read_text().splitlines()]
+    assert [r["status"] for r in rows if r["cell"] == broken] == ["failed", "ok"]  # the failure stays on record
+
+    calls.clear()
+    assert run_sweep(sweep, run_cell, {}, log=logs.append) == [] and calls == []
+    assert logs[-2].startswith(f"sweep {sweep_file}: 10 cells, 10 finished before, 0 to run")
+
+
+def test_a_row_cut_off_by_a_kill_is_ignored_and_its_cell_runs_again(sweep_file):
+    sweep = load_sweep(sweep_file)
+    cells = sweep.cells()
+    sweep.results.parent.mkdir(parents=True)
+    good = {"cell": cells[0].id, "status": "ok", "accuracy": 0.4}
+    sweep.results.write_text(json.dumps(good) + "\n" + json.dumps({"cell": cells[1].id, "status": "ok"})[:25])
+    assert set(read_results(sweep.results)) == {cells[0].id}
+    calls = []
+    run_sweep(sweep, lambda cell, d, r: calls.append(cell.id) or fake_row(cell), {}, log=lambda line: None)
+    assert calls == [c.id for c in cells[1:]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[sweep]\n[sweep.grid]\n", "[sweep.grid] is missing or empty"),
+    ("[sweep.grid]\nseed = 3\n", "seed must be a non-empty list"),
+    ("[sweep]\nnum-client = 3\n[sweep.grid]\nseed=[1]\n", "unknown [sweep] key(s) num-client"),
+    ("[sweep]\nnum-clients = 0\n[sweep.grid]\nseed=[1]\n", "num-clients = 0 must be an integer >= 1"),
+    ("[sweep.fixed]\nseed = 1\n[sweep.grid]\nseed=[1]\n", "seed is both in [sweep.grid] and [sweep.fixed]"),
+    ("[sweep]\ndelta = 2\n[sweep.grid]\nseed=[1]\n", "delta = 2 must be \"auto\" or a number in (0, 1)"),
+    ("[sweep.grid]\nrun-dir = [\"x\"]\n", "run-dir is set by the sweep"),
+    ("[sweep\n", "is not valid TOML"),
+    ("[other]\n", "needs a [sweep] table"),
+])
+def test_bad_sweep_files_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(path)
+
+
+def test_every_cell_is_checked_before_anything_runs(sweep_file):
+    from simulations.demo import default_run_config
+
+    sweep = load_sweep(sweep_file)
+    check_cells(sweep.cells(), default_run_config())
+    bad = load_sweep(sweep_file).__class__(**{**sweep.__dict__, "grid": {**sweep.grid, "strategy": ["fedavgg"]}})
+    with pytest.raises(ConfigError, match="fedavgg"):
+        check_cells(bad.cells(), default_run_config())
+    crowded = sweep.__class__(**{**sweep.__dict__, "num_clients": 2})
+    with pytest.raises(ConfigError, match="clients-per-round = 3 exceeds num-clients = 2"):
+        check_cells(crowded.cells(), default_run_config())
+
+
+def test_auto_delta_is_a_tenth_of_one_over_the_smallest_client_or_1e_5():
+    assert auto_delta(50) == 1e-5  # 1/(10·50) = 2e-3 > 1e-5
+    assert auto_delta(1_000_000) == pytest.approx(1e-7)
+
+
+def test_mean_interval_is_the_t_interval():
+    mean, half = mean_interval([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6)
+    assert half == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3))  # t_{0.975, 2} * s / sqrt(n)
+    assert math.isnan(mean_interval([0.4])[1])
+
+
+def test_summary_table_and_figures_from_rows(sweep_file, tmp_path):
+    sweep = load_sweep(sweep_file)
+    cells = sweep.cells()
+    accuracies = iter([0.5, 0.7, 0.2, 0.3, 0.6, 0.8, 0.25, 0.35, 0.9, 0.92])
+    run_sweep(sweep, lambda cell, d, r: fake_row(cell, next(accuracies)), {}, log=lambda line: None)
+    rows = list(read_results(sweep.results).values())
+    rows[0] = {**rows[0], "status": "failed", "error": "timed out"}
+    defaults = {"adapter": "lora", "partitioner": "dirichlet"}
+    table = summary_table(rows, defaults)
+    mean, half = mean_interval([0.6, 0.8])
+    assert f"| fedsvd | lora | dirichlet | 3 | {mean:.3f} ± {half:.3f} | 2 | 3.00 | 0.0 | 3.0 |" in table
+    assert "| ffa_lora | lora | dirichlet | 3 | 0.700 | 1 |" in table  # one seed left after the failure: no CI
+    assert "| fedsvd | lora | dirichlet | ∞ | 0.300 ± " in table and "not private" in table
+    assert "Centralized non-private LoRA on the pooled data: accuracy 0.910" in table
+    assert f"Failed cell {cells[0].id}" in table and "timed out" in table
+    paths = plot(rows, defaults, tmp_path / "figures")
+    assert [p.name for p in paths] == ["accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "rounds.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
