@@ -17,6 +17,7 @@ from common.data.partition import client_data
 from common.gradient_init import train_base_weights_only
 from common.model import build_model, pick_device
 from common.privacy import PrivacyStep, poisson_sample_rate
+from common.privacy.plan import check_privacy_plan
 from common.tensors import encode
 
 INIT_ROUND = 0
@@ -24,10 +25,11 @@ INIT_ROUND = 0
 
 def init_round(config: RunConfig, identity: ClientIdentity) -> TrainOutcome:
     """{adapted layer: noisy mean gradient of its base weight}, or a refusal if the budget forbids it."""
+    ledger = open_ledger(config, identity)  # first: a corrupted ledger stops the step before any data is read
     data = client_data(config, identity.partition_id, identity.num_partitions)
+    check_privacy_plan(config, len(data.train))  # a ConfigError before anything is charged
     sample_rate = poisson_sample_rate(len(data.train), config.batch_size)
     noise = noise_for(config, sample_rate)
-    ledger = open_ledger(config, identity)
     step = PrivacyStep(INIT_ROUND, noise or 0.0, sample_rate, 1)
     if noise is not None:
         if not ledger.allows(step):

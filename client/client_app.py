@@ -7,12 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from client.adapter_init import init_round
 from client.train_round import ClientIdentity, TrainOutcome, evaluate_round, train_round
 from common.config import RunConfig
+from common.errors import FedloraError
 from common.logs import get_logger
 from common.payload import from_record, to_record
 from common.ranks import client_rank, config_for_rank
@@ -39,8 +41,22 @@ def node_run_config(context: Context) -> RunConfig:
     return dataclasses.replace(config, dataset=str(dataset)) if dataset else config
 
 
+def error_reply(msg: Message, err: FedloraError) -> Message:
+    """A user-facing error (a corrupted ledger, a bad data file) as one log line and an error reply:
+    the server logs it as this node's fault, and nothing is trained or spent."""
+    log.error("%s", err)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    try:
+        return train_reply(msg, context)
+    except FedloraError as err:
+        return error_reply(msg, err)
+
+
+def train_reply(msg: Message, context: Context) -> Message:
     started = time.time()
     config = node_run_config(context)
     settings = msg.content["config"]
@@ -77,7 +93,10 @@ def adapter_init(msg: Message, context: Context) -> Message:
     """Round 0 of a private data-driven init: a DP gradient of the adapted layers' weights."""
     config = node_run_config(context)
     identity = identity_of(context, str(msg.content["config"]["run-dir"]))
-    outcome = init_round(config, identity)
+    try:
+        outcome = init_round(config, identity)
+    except FedloraError as err:
+        return error_reply(msg, err)
     log.info("client %s: init step, epsilon %.3f", identity.client_id, outcome.metrics["epsilon"])
     return reply(msg, config, identity, outcome)
 

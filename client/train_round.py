@@ -13,13 +13,14 @@ import numpy as np
 
 from client.dp_training import DPSettings, train_locally
 from common.adapters.rank_resize import fit_ranks, fold_into_base
-from common.adapters.registry import get_adapter, private_init_steps
+from common.adapters.registry import get_adapter
 from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
 from common.model import build_model, pick_device
 from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
+from common.privacy.plan import check_privacy_plan, planned_dp_steps
 from common.tensors import encode
 
 
@@ -58,8 +59,7 @@ def noise_for(config: RunConfig, sample_rate: float) -> float | None:
         return config.noise_multiplier
     if not math.isfinite(config.target_epsilon):
         return None
-    planned_steps = config.planned_rounds * config.local_steps + private_init_steps(config)
-    return calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate, planned_steps,
+    return calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate, planned_dp_steps(config),
                                       config.accountant)
 
 
@@ -72,10 +72,11 @@ def train_round(
     `fold`: the received LoRA factors are a global update to add to the base weights (FLoRA), and the
     client trains a fresh LoRA of its own rank on top; otherwise they initialise the client's LoRA.
     """
+    ledger = open_ledger(config, identity)  # first: a corrupted ledger stops the round before any data is read
     data = client_data(config, identity.partition_id, identity.num_partitions)
+    check_privacy_plan(config, len(data.train))  # a ConfigError before anything is charged
     sample_rate = poisson_sample_rate(len(data.train), config.batch_size)
     noise = noise_for(config, sample_rate)
-    ledger = open_ledger(config, identity)
     step = PrivacyStep(server_round, noise or 0.0, sample_rate, config.local_steps)
     if noise is not None:
         if not ledger.allows(step):

@@ -18,6 +18,10 @@ ACCOUNTANTS = ("rdp", "prv")
 # Where a data-driven adapter initialization (LoRA-SB) reads its gradients: a public split held by the
 # server (free), or the clients' private data under DP (one DP step each, charged to their budgets).
 INIT_DATA = ("public", "private")
+# The frozen base the adapters train on (`common/bases/registry.py`): full precision or QLoRA's NF4.
+# LQ-LoRA, LoRAM and QLoRAM have their math in common/bases/ but are not selectable in a run yet.
+BASES = ("fp32", "nf4")
+PLANNED_BASES = ("lq_lora", "loram", "qloram")
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class RunConfig:
     """Every setting of a run; field `num_rounds` is key `num-rounds` in the run config."""
 
     model: str = ""
+    base: str = "fp32"
     dataset: str = "wordnet"
     text_column: str = "text"
     label_column: str = "label"
@@ -62,6 +67,10 @@ class RunConfig:
     seed: int = 42
     run_dir: str = ""
     eval_batch_size: int = 128
+    min_train_clients: int = 1
+    max_update_norm: float = 0.0
+    max_examples: int = 10_000_000
+    max_reply_mb: float = 512.0
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -107,6 +116,11 @@ class RunConfig:
                 )
         if not self.target_module_names:
             raise ConfigError("target-modules is empty: give e.g. \"query,value\"")
+        if self.min_train_clients > self.clients_per_round:
+            raise ConfigError(
+                f"min-train-clients = {self.min_train_clients} > clients-per-round = {self.clients_per_round}: "
+                f"no round could ever aggregate; lower min-train-clients or raise clients-per-round"
+            )
         ranks = self.client_rank_list
         if any(r > self.rank for r in ranks):
             raise ConfigError(
@@ -145,6 +159,11 @@ _RULES = [
     ("batch_size", _positive, "must be an integer >= 1"),
     ("max_seq_len", lambda v: 8 <= v <= 4096, "must be between 8 and 4096 tokens"),
     ("eval_batch_size", _positive, "must be an integer >= 1"),
+    ("min_train_clients", _positive, "must be an integer >= 1 (a round needs at least one valid reply)"),
+    ("max_update_norm", lambda v: v >= 0 and math.isfinite(v),
+     "must be >= 0: the L2 bound on each client's update (0 = no server-side bound)"),
+    ("max_examples", _positive, "must be an integer >= 1: replies claiming more examples are rejected"),
+    ("max_reply_mb", _positive, "must be > 0 MiB (inf = no limit on a training reply's arrays)"),
     ("lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
     ("rank", _positive, "the adapter rank must be an integer >= 1"),
     ("global_max_rank", lambda v: v >= 0, "must be >= 0 (0 = no truncation of the stacked global adapter)"),
@@ -154,6 +173,9 @@ _RULES = [
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
     ("salt_lora_rank", _positive, "the rank of SALT's LoRA on the remaining subspace must be an integer >= 1"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
+    ("base", lambda v: v in BASES,
+     f"choose fp32 (full precision) or nf4 (QLoRA's 4-bit NormalFloat base); {', '.join(PLANNED_BASES)} are "
+     f"not selectable in a run yet"),
     ("public_examples", _positive, "the server's public split needs at least one example"),
     ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),
     ("delta", _fraction, "must be in (0, 1), typically 1e-5 or below 1/(number of examples)"),

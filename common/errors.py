@@ -24,6 +24,10 @@ class DataError(FedloraError):
     """A data file is missing or malformed; the message names the file and line."""
 
 
+class LedgerError(FedloraError):
+    """A privacy ledger file is truncated, corrupted or was edited: never read as an empty ledger."""
+
+
 def exit_on_user_error(main: F) -> F:
     """Wrap a command-line entry point: a FedloraError becomes `error: ...` and exit code 2."""
 

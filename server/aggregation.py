@@ -36,6 +36,28 @@ def weighted_mean(payloads: list[dict[str, np.ndarray]], weights: list[float]) -
     return out
 
 
+def update_norm(payload: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 norm of `payload - reference` over every key of `payload`, all tensors as one vector."""
+    return float(np.sqrt(sum(np.sum((payload[k].astype(np.float64) - reference[k].astype(np.float64)) ** 2)
+                             for k in payload)))
+
+
+def clip_update(payload: dict[str, np.ndarray], reference: dict[str, np.ndarray], bound: float
+                ) -> tuple[dict[str, np.ndarray], float]:
+    """(reference + (payload - reference) * min(1, bound / norm), norm): the update scaled to norm <= bound.
+
+    The server-side norm bound (`max-update-norm`): after it, one client moves an example-weighted mean
+    by at most its weight share times `bound`, however large the update it sent.
+    """
+    norm = update_norm(payload, reference)
+    if norm <= bound:
+        return payload, norm
+    scale = bound / norm
+    clipped = {k: (reference[k].astype(np.float64) + (v.astype(np.float64) - reference[k]) * scale).astype(v.dtype)
+               for k, v in payload.items()}
+    return clipped, norm
+
+
 def fedsvd_reorthogonalize(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B', A') with B' A' = B A, A' with orthonormal rows and B' = U_r Σ_r, without forming B A.
 

@@ -22,8 +22,9 @@ REPORT_PNG = "privacy_epsilon.png"
 
 
 def build_report(ledgers: dict[str, dict], *, delta: float, accountant: str, target_epsilon: float,
-                 run: dict) -> dict:
-    """The `privacy.json` document for the ledgers the clients reported."""
+                 run: dict, faults: list[dict] | None = None) -> dict:
+    """The `privacy.json` document for the ledgers the clients reported and the faults the server saw
+    (rows of `LoRAStrategy.faults`: round, node, client, kind, reason, action)."""
     clients = []
     for client_id in sorted(ledgers, key=_client_order):
         history = [PrivacyStep.from_dict(row) for row in ledgers[client_id]["history"]]
@@ -33,7 +34,16 @@ def build_report(ledgers: dict[str, dict], *, delta: float, accountant: str, tar
             "epsilon": _json_number(epsilon_of(history, delta, accountant)) if history else None,
             "history": [row.to_dict() for row in history],
         })
-    return {"delta": delta, "accountant": accountant, "level": "sample", "clients": clients, "run": run}
+    return {"delta": delta, "accountant": accountant, "level": "sample", "clients": clients, "run": run,
+            "faults": list(faults or [])}
+
+
+def describe_fault(fault: dict) -> str:
+    """One line for a fault: `round 2, client 3 (node 17): malformed-reply: <reason> -> <action>`."""
+    who = "" if fault.get("client") is None else f", client {fault['client']}"
+    if fault.get("node") is not None and str(fault["node"]) != str(fault.get("client")):
+        who += f" (node {fault['node']})"
+    return f"round {fault['round']}{who}: {fault['kind']}: {fault['reason']} -> {fault['action']}"
 
 
 def recompute(report: dict) -> dict:
@@ -79,6 +89,16 @@ def render_markdown(report: dict) -> str:
         rows = ", ".join(f"r{row['round']}: σ={row['noise_multiplier']:.3f} q={row['sample_rate']:.4f} "
                          f"steps={row['steps']}" for row in client["history"])
         lines.append(f"- client {client['id']}: {rows or '(no private rounds)'}")
+    faults = report.get("faults")
+    lines += ["", f"## Faults ({'not recorded' if faults is None else len(faults)})", ""]
+    if faults is None:
+        lines.append("This report is from before fault logging.")
+    elif faults:
+        lines += ["| round | client | node | kind | reason | what the server did |", "|---|---|---|---|---|---|"]
+        lines += [f"| {f['round']} | {_cell(f.get('client'))} | {_cell(f.get('node'))} | {f['kind']} | "
+                  f"{_cell(f['reason'])} | {_cell(f['action'])} |" for f in faults]
+    else:
+        lines.append("None: every reply was valid and every sampled node answered.")
     lines += ["", f"Recompute any figure from `{REPORT_JSON}`: compose each client's history with "
               f"`opacus.accountants.create_accountant('{report['accountant']}')` at delta.", ""]
     return "\n".join(lines)
@@ -111,6 +131,11 @@ def plot_epsilon(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _cell(value) -> str:
+    """A Markdown table cell: `-` for none, pipes escaped (a hostile reason must not break the table)."""
+    return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _json_number(value: float):

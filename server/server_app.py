@@ -29,7 +29,7 @@ from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.adapter_init import initial_frozen_factors
 from server.aggregation import lora_layer_keys
-from server.report import build_report, write_report
+from server.report import build_report, describe_fault, write_report
 from server.strategies import check_compatible, get_strategy
 
 app = ServerApp()
@@ -101,17 +101,22 @@ def run(grid: Grid, context: Context) -> Path:
         save_client_adapters(run_dir / "clients", strategy.client_adapters)
     rounds = _round_table(result, config.num_rounds, strategy.refusals)
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"strategy": config.strategy, "rounds": rounds, "wall_seconds": time.time() - started}, indent=2))
+        {"strategy": config.strategy, "rounds": rounds, "faults": strategy.faults,
+         "wall_seconds": time.time() - started}, indent=2))
     report = build_report(
         strategy.ledgers, delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
         run={"strategy": config.strategy, "rounds": config.num_rounds, "model": resolve_model_path(config.model),
              "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank},
+        faults=strategy.faults,
     )
     markdown = write_report(run_dir, report)
     for row in rounds:
         log.info("round %d: global accuracy %.4f", row["round"], row["global-accuracy"])
     for client in report["clients"]:
         log.info("client %s: epsilon %s", client["id"], client["epsilon"])
+    log.info("faults: %d", len(strategy.faults))
+    for fault in strategy.faults:
+        log.warning("fault: %s", describe_fault(fault))
     log.info("privacy report: %s", markdown)
     return run_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,13 @@ def run_demo_ok(num_clients: int, *run_configs: str) -> subprocess.CompletedProc
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+@pytest.fixture
+def server_log(caplog):
+    """fedlora's loggers do not propagate to the root logger (common/logs.py): attach pytest's handler to
+    the server's, so a test can assert the exact log lines the server wrote."""
+    logger = logging.getLogger("fedlora.server")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import logging
 
 import numpy as np
 import pytest
@@ -55,14 +54,6 @@ def best_rank(matrix: np.ndarray, rank: int) -> np.ndarray:
     u, s, vt = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
 
-
-@pytest.fixture
-def server_log(caplog):
-    """fedlora's loggers do not propagate to the root logger; attach pytest's handler directly."""
-    logger = logging.getLogger("fedlora.server")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 # ---- registry and configuration ----------------------------------------------------------------------

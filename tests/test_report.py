@@ -37,7 +37,8 @@ def sample_report():
 
 def test_report_follows_the_documented_shape_and_recomputes_epsilon():
     report = sample_report()
-    assert set(report) == {"delta", "accountant", "level", "clients", "run"}
+    assert set(report) == {"delta", "accountant", "level", "clients", "run", "faults"}
+    assert report["faults"] == []
     assert report["level"] == "sample" and report["accountant"] == "rdp"
     assert [c["id"] for c in report["clients"]] == ["2", "3", "10"]
     two = report["clients"][0]

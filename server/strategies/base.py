@@ -10,6 +10,7 @@ Everything here acts on the clients' DP outputs only: the server never sees raw 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from typing import Iterable
@@ -23,13 +24,31 @@ from common.errors import ConfigError
 from common.logs import get_logger
 from common.payload import from_record, to_record
 from common.privacy import PrivacyStep
-from server.aggregation import weighted_mean
+from server.aggregation import clip_update, weighted_mean
 
 log = get_logger("server")
 
 NODE_WAIT_SECONDS = 300.0
 # What a training reply's metrics must carry for the round summary (see client/client_app.py).
 REQUIRED_METRICS = ("num-examples", "train-loss", "first-loss", "epsilon")
+MIB = 2**20
+MAX_REASON_CHARS = 300  # a reason can quote client-chosen text (key names, error strings): keep logs bounded
+
+
+def fault_options(config) -> dict:
+    """The fault-tolerance settings of a run config (common.config.RunConfig) as strategy keywords."""
+    return {"min_train_clients": config.min_train_clients, "max_update_norm": config.max_update_norm,
+            "max_examples": config.max_examples, "max_reply_mb": config.max_reply_mb}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(text: str) -> str:
+    """One bounded line: a hostile reason must not forge log lines (newlines) or flood the log."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 def factor_of(key: str) -> str:
@@ -49,7 +68,16 @@ class LoRAStrategy(FedAvg):
     secure_aggregation = True  # is the merge a weighted sum of the payloads (README table)?
 
     def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, adapter: str = "lora",
-                 evaluate_clients: bool = True):
+                 evaluate_clients: bool = True, min_train_clients: int = 1, max_update_norm: float = 0.0,
+                 max_examples: int = 10_000_000, max_reply_mb: float = 512.0):
+        """`min_train_clients`: fewer valid replies skip the round; `max_update_norm`: L2 bound on each
+        client's update (0 = off); `max_examples`, `max_reply_mb`: larger claims or payloads are rejected."""
+        if max_update_norm and self.rank_heterogeneous:
+            raise ConfigError(
+                f"max-update-norm = {max_update_norm:g} is not supported by the rank-heterogeneous strategy "
+                f"{type(self).__name__}: its replies have other ranks than the global adapter, so 'reply minus "
+                f"global' is undefined; set max-update-norm = 0 or use fedavg_lora, ffa_lora or fedsvd"
+            )
         super().__init__(
             min_train_nodes=clients_per_round, min_available_nodes=clients_per_round,
             min_evaluate_nodes=clients_per_round, fraction_evaluate=1.0 if evaluate_clients else 0.0,
@@ -64,12 +92,19 @@ class LoRAStrategy(FedAvg):
         self.last_bytes_down = 0
         self.client_adapters: dict[str, tuple[dict[str, np.ndarray], float]] = {}  # last accepted reply, weight
         self.broadcast_keys: set[str] = set()  # frozen factors set before round 1 (server/adapter_init.py)
+        self.min_train_clients = min_train_clients
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
+        self.max_reply_mb = max_reply_mb
+        self.faults: list[dict] = []  # every fault seen: round, node, client, kind, reason, action
+        self.sampled: dict[int, list[int]] = {}  # round -> nodes sent a training instruction
+        self.node_clients: dict[int, str] = {}  # node id -> the client id its last readable reply gave
 
     @classmethod
     def from_config(cls, config, run_dir: str) -> "LoRAStrategy":
         """The strategy a run config asks for (`config` is a common.config.RunConfig)."""
         return cls(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=run_dir,
-                   adapter=config.adapter)
+                   adapter=config.adapter, **fault_options(config))
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -120,6 +155,7 @@ class LoRAStrategy(FedAvg):
             record = RecordDict({"arrays": to_record(sent),
                                  "config": ConfigRecord({**dict(config), **self.node_config(node)})})
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
+        self.sampled[server_round] = list(nodes)
         log.info("round %d: training on clients (node ids) %s", server_round, nodes)
         return messages
 
@@ -135,48 +171,110 @@ class LoRAStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, weights, metrics, senders = [], [], [], []
+        """The new global state from the valid replies; every other reply is a fault, logged and skipped.
+
+        Fewer than `min_train_clients` valid replies skip the round (Flower keeps the global arrays).
+        """
+        accepted, weights, metrics, senders, clients = [], [], [], [], []
         refused: list[str] = []
-        bytes_up = 0
+        bytes_up, rejected, faults_before = 0, 0, len(self.faults)
+        replied: set[int] = set()
         for reply in replies:
+            node = reply.metadata.src_node_id
+            replied.add(node)
             if reply.has_error():
-                log.warning("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id,
-                            reply.error.reason)
+                reason = _short(str(reply.error.reason))
+                log.warning("round %d: node %s failed: %s", server_round, node, reason)
+                self.record_fault(server_round, node, self.node_clients.get(node), "error-reply", reason,
+                                  "no update from this node this round")
+                rejected += 1
                 continue
             content = reply.content
-            client, ledger, problem = self._read_privacy(content, str(reply.metadata.src_node_id))
+            client, ledger, problem = self._read_privacy(content, str(node))
             if ledger is not None:
                 self.ledgers[client] = ledger
+                self.node_clients[node] = client
             reply_metrics = content.metric_records.get("metrics")
             if not problem and reply_metrics is not None and reply_metrics.get("refused", 0):
                 refused.append(client)
                 log.warning("round %d: client %s refused to train (%s)", server_round, client,
                             content["privacy"].get("reason", ""))
                 continue
-            problem = problem or self._check_reply(content, reply.metadata.src_node_id)
+            payload, problem = ({}, problem) if problem else self._read_reply(content, node)
+            problem = _short(problem)
             if problem:
                 log.warning("round %d: rejected reply of client %s: %s", server_round, client, problem)
+                self.record_fault(server_round, node, client, "malformed-reply", problem, "reply rejected")
+                rejected += 1
                 continue
-            payload = from_record(content["arrays"])
             bytes_up += sum(v.nbytes for v in payload.values())
+            if self.max_update_norm:
+                payload = self._bound_update(payload, server_round, node, client)
             accepted.append(payload)
-            self.client_adapters[client] = (payload, float(reply_metrics["num-examples"]))
             weights.append(float(reply_metrics["num-examples"]))
             metrics.append(reply_metrics)
-            senders.append(reply.metadata.src_node_id)
+            senders.append(node)
+            clients.append(client)
+        for node in sorted(set(self.sampled.pop(server_round, [])) - replied):
+            log.warning("round %d: node %s sent no reply", server_round, node)
+            self.record_fault(server_round, node, self.node_clients.get(node), "no-reply",
+                              "no reply before the round's timeout",
+                              "no update from this node this round")
+            rejected += 1
         self.refusals[server_round] = refused
-        if not accepted:
-            log.warning("round %d: no usable replies; the global adapter is unchanged", server_round)
-            return None, MetricRecord({"clients-trained": 0, "clients-refused": len(refused)})
+        counts = {"clients-refused": len(refused), "clients-rejected": rejected}
+        if len(accepted) < self.min_train_clients:
+            self._skip_round(server_round, len(accepted), faulty=bool(accepted) or len(self.faults) > faults_before)
+            return None, MetricRecord({"clients-trained": 0, **counts, "round-skipped": 1})
         new_global = self.aggregate_payloads(accepted, weights, senders, server_round)
+        overflowed = sorted(k for k, v in new_global.items() if not np.all(np.isfinite(v)))
+        if overflowed:  # finite but huge replies can still overflow the merge (e.g. FedSVD's Σ in float32)
+            log.warning("round %d: the merged %s is not finite; round skipped, the global adapter is unchanged",
+                        server_round, overflowed[0])
+            self.record_fault(server_round, None, None, "round-skipped", f"the merged {overflowed[0]} is not "
+                              f"finite (replies of clients {', '.join(clients)})", "round skipped; global adapter "
+                              "unchanged (max-update-norm bounds what one client can send)")
+            return None, MetricRecord({"clients-trained": 0, **counts, "round-skipped": 1})
+        for client, payload, weight in zip(clients, accepted, weights):
+            self.client_adapters[client] = (payload, weight)
         summary = {
-            "clients-trained": len(accepted), "clients-refused": len(refused),
+            "clients-trained": len(accepted), **counts,
             "train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights)),
             "first-loss": float(np.average([m["first-loss"] for m in metrics], weights=weights)),
             "epsilon-max": float(max(m["epsilon"] for m in metrics)),
             "bytes-up": int(bytes_up), "bytes-down": int(self.last_bytes_down),
         }
         return to_record(new_global), MetricRecord(summary)
+
+    def record_fault(self, server_round: int, node: int | None, client: str | None, kind: str, reason: str,
+                     action: str) -> None:
+        """One row of the run's fault log (metrics.json and the privacy report list them all)."""
+        self.faults.append({"round": server_round, "node": None if node is None else int(node), "client": client,
+                            "kind": kind, "reason": reason, "action": action})
+
+    def _skip_round(self, server_round: int, valid: int, faulty: bool) -> None:
+        """Log why the round does not aggregate; a skip caused by faults (not only refusals) is a fault too."""
+        if valid == 0:
+            log.warning("round %d: no usable replies; the global adapter is unchanged", server_round)
+        else:
+            log.warning("round %d: only %d valid replies, fewer than min-train-clients = %d; round skipped, the "
+                        "global adapter is unchanged", server_round, valid, self.min_train_clients)
+        if faulty:
+            self.record_fault(server_round, None, None, "round-skipped",
+                              f"{valid} valid replies, min-train-clients = {self.min_train_clients}",
+                              "round skipped; global adapter unchanged")
+
+    def _bound_update(self, payload: dict[str, np.ndarray], server_round: int, node: int, client: str
+                      ) -> dict[str, np.ndarray]:
+        """The payload with its update (payload - global) clipped to `max_update_norm`, logged if clipped."""
+        clipped, norm = clip_update(payload, self.global_arrays, self.max_update_norm)
+        if norm > self.max_update_norm:
+            log.warning("round %d: clipped the update of client %s from norm %.4g to max-update-norm = %g",
+                        server_round, client, norm, self.max_update_norm)
+            self.record_fault(server_round, node, client, "update-clipped",
+                              f"update norm {norm:.4g} > max-update-norm = {self.max_update_norm:g}",
+                              f"update scaled to norm {self.max_update_norm:g}")
+        return clipped
 
     # ---- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -185,7 +283,7 @@ class LoRAStrategy(FedAvg):
         privacy = content.config_records.get("privacy")
         if privacy is None or "client-id" not in privacy:
             return node, None, "no privacy record with a client-id"
-        client = str(privacy["client-id"])
+        client = _short(str(privacy["client-id"]))
         try:
             ledger = json.loads(str(privacy.get("ledger", "")))
         except json.JSONDecodeError:
@@ -193,36 +291,64 @@ class LoRAStrategy(FedAvg):
         try:
             for row in ledger["history"]:
                 PrivacyStep.from_dict(row)
-        except (TypeError, KeyError, ValueError) as err:
-            return client, None, f"its ledger has no valid history ({err})"
+                if not all(math.isfinite(value) for value in row.values()):
+                    raise ValueError(f"non-finite value in {row!r}")
+        except (TypeError, KeyError, ValueError, OverflowError) as err:
+            return client, None, f"its ledger has no valid history ({str(err)[:200]})"
         return client, ledger, ""
 
-    def _check_reply(self, content: RecordDict, node: int = 0) -> str:
-        """Why a training reply cannot be averaged, or "" if it can."""
+    def _read_reply(self, content: RecordDict, node: int = 0) -> tuple[dict[str, np.ndarray], str]:
+        """(payload, "") for a training reply that can be averaged, else ({}, why not).
+
+        Cheap checks come first, so an oversized or mislabelled payload is refused before it is decoded.
+        """
         trained = content.config_records.get("adapter", {}).get("name")
         if trained != self.adapter:
-            return f"it trained adapter {trained!r}, this run uses {self.adapter!r}"
+            return {}, f"it trained adapter {trained!r}, this run uses {self.adapter!r}"
         if "metrics" not in content.metric_records:
-            return "no metrics"
-        missing = [k for k in REQUIRED_METRICS if k not in content["metrics"]]
-        if missing:
-            return f"metrics lack {', '.join(missing)}"
+            return {}, "no metrics"
+        problem = self._check_metrics(content["metrics"])
+        if problem:
+            return {}, problem
         if "arrays" not in content.array_records:
-            return "no arrays"
-        payload = from_record(content["arrays"])
+            return {}, "no arrays"
+        record = content["arrays"]
+        size = sum(len(array.data) for array in record.values())
+        if size > self.max_reply_mb * MIB:
+            return {}, f"its arrays are {size / MIB:.1f} MiB, over max-reply-mb = {self.max_reply_mb:g}"
         expected = self.uplink_keys()
-        if set(payload) != expected:
-            missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
-            return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        if set(record) != expected:
+            missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
+            return {}, f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        try:
+            payload = from_record(record)
+        except (ValueError, TypeError, EOFError, OSError) as err:  # bytes that are not what the header claims
+            return {}, f"its arrays cannot be decoded ({type(err).__name__}: {str(err)[:80]})"
         problem = self._check_shapes(payload, content, node)
         if problem:
-            return problem
+            return {}, problem
         for key, value in payload.items():
             if not np.all(np.isfinite(value)):
-                return f"{key} contains NaN or Inf"
-        examples = content["metrics"]["num-examples"]
-        if not examples or examples <= 0:
+                return {}, f"{key} contains NaN or Inf"
+        return payload, ""
+
+    def _check_metrics(self, metrics: MetricRecord) -> str:
+        """The metrics a summary reads are numbers, and num-examples is a count this run believes."""
+        missing = [k for k in REQUIRED_METRICS if k not in metrics]
+        if missing:
+            return f"metrics lack {', '.join(missing)}"
+        not_numbers = [k for k in REQUIRED_METRICS if not _is_number(metrics[k])]
+        if not_numbers:
+            return f"metrics {', '.join(not_numbers)} are not numbers"
+        examples = metrics["num-examples"]
+        if not np.isfinite(examples) or examples != int(examples):
+            return f"num-examples = {examples} is not a finite whole number"
+        if examples <= 0:
             return f"num-examples = {examples}"
+        if examples > self.max_examples:
+            return f"num-examples = {examples} exceeds max-examples = {self.max_examples}"
+        if not metrics["epsilon"] >= 0:  # inf (a non-private run) is fine, NaN is not
+            return f"epsilon = {metrics['epsilon']} is not a number >= 0"
         return ""
 
     def _check_shapes(self, payload: dict[str, np.ndarray], content: RecordDict, node: int) -> str:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.logs import get_logger
 from server.aggregation import lora_layer_keys, mean_of_non_lora
-from server.strategies.base import LoRAStrategy, factor_of
+from server.strategies.base import LoRAStrategy, factor_of, fault_options
 
 log = get_logger("server")
 QUERY_TIMEOUT_SECONDS = 300.0
@@ -42,7 +42,7 @@ class RankHeteroStrategy(LoRAStrategy):
     def from_config(cls, config: RunConfig, run_dir: str) -> "RankHeteroStrategy":
         return cls(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=run_dir,
                    adapter=config.adapter, r_max=config.rank, global_max_rank=config.global_max_rank,
-                   prune=config.hetlora_prune)
+                   prune=config.hetlora_prune, **fault_options(config))
 
     # ---- the one thing each strategy defines ---------------------------------------------------
     def merge_layer(self, bs: list[np.ndarray], as_: list[np.ndarray], weights: list[float],
@@ -109,6 +109,8 @@ class RankHeteroStrategy(LoRAStrategy):
         if len(ranks) > 1:
             return f"its factors have different ranks {sorted(ranks)}"
         rank = ranks.pop() if ranks else 0
+        if rank < 1 and any(factor_of(k) in ("lora_A", "lora_B") for k in payload):
+            return "its LoRA factors have rank 0"
         if rank > self.r_max:
             return f"its rank {rank} exceeds r_max = {self.r_max}"
         if node in self.node_ranks and rank != self.node_ranks[node]:
