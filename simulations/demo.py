@@ -21,6 +21,7 @@ from common.config import RunConfig
 from common.data.partition import client_data, global_test_set
 from common.errors import ConfigError, exit_on_user_error
 from common.model import resolve_model_path
+from common.privacy.plan import check_privacy_plan
 from simulations.flower_sim import APP_DIR, flwr_run, gpu_share, simulation_superlink
 
 
@@ -51,7 +52,7 @@ def validate(config: RunConfig, num_clients: int) -> None:
     resolve_model_path(model)
     global_test_set(config)
     for partition_id in range(num_clients):
-        client_data(config, partition_id, num_clients)
+        check_privacy_plan(config, len(client_data(config, partition_id, num_clients).train))
 
 
 def summarize(run_dir: Path) -> str:

@@ -38,6 +38,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
     ('adapter="loha"', "unknown adapter 'loha'; available: "),
     ('adapter="lora_sb" init-data="both"', "init-data = 'both' is invalid: choose one of public, private"),
     ("clients-per-round=3", "clients-per-round = 3 exceeds --num-clients 2"),
+    ("delta=0.01", "delta = 0.01 is not below 1/n"),
+    ("target-epsilon=0.05", "target-epsilon = 0.05 cannot be met sensibly: 30 planned DP steps"),
 ])
 def test_bad_setting_is_one_line(override, fragment):
     assert_one_line_error(run_demo(override), fragment)
