@@ -8,6 +8,7 @@ PEFT's own serializer, so `PeftModel.from_pretrained` gives the same logits.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,12 @@ from common.ranks import config_for_rank, stored_rank
 
 
 def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str]) -> AdaptedModel:
-    """The run's model with the global adapter and head loaded, labels named, in eval mode."""
-    adapted = build_model(config, num_labels=len(labels))
+    """The run's model with the global adapter and head loaded, labels named, in eval mode.
+
+    Always on the full-precision base: a run trained on a compressed base (`base = "nf4"`) is exported
+    as the full-size model with the trained adapter folded into the original weights.
+    """
+    adapted = build_model(dataclasses.replace(config, base="fp32"), num_labels=len(labels))
     fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays)
     adapted.model.config.id2label = dict(enumerate(labels))

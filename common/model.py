@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common.adapters import inject_adapters
+from common.bases.registry import apply_base
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -80,5 +81,6 @@ def _template(model: str, num_labels: int, config: RunConfig) -> AdaptedModel:
         if name in head:
             parameter.requires_grad_(True)
     adapted = inject_adapters(network, config)
+    apply_base(config.base, network)  # after injection: an adapter's own base layer is quantized too
     network.train()  # Opacus records activations only in train mode
     return AdaptedModel(model=network, tokenizer=tokenizer, adapted_modules=adapted, head_parameters=head)
