@@ -68,7 +68,8 @@ def summarize(run_dir: Path) -> str:
         eps = "not private" if client["epsilon"] is None else f"{client['epsilon']:.3f}"
         lines.append(f"  client {client['id']}: epsilon {eps} of target {client['target_epsilon']}, "
                      f"{len(client['history'])} rounds")
-    lines.append(f"  privacy report: {run_dir / 'privacy.md'} (data: privacy.json, plot: privacy_epsilon.png)")
+    lines.append(f"  privacy report: {run_dir / 'privacy.html'} "
+                 "(also privacy.md, privacy.json and the privacy_*.png plots)")
     lines.append(f"  export the model: python -m server.export {run_dir} [--peft]")
     lines.append(f"  wall time of the federated run: {metrics['wall_seconds']:.0f} s")
     return "\n".join(lines)

@@ -93,4 +93,5 @@ def test_cli_on_a_damaged_report_is_one_line(tmp_path, damage):
 def test_write_report_creates_all_files(tmp_path):
     path = write_report(tmp_path, sample_report())
     assert path.name == "privacy.md"
-    assert {p.name for p in tmp_path.iterdir()} == {"privacy.json", "privacy.md", "privacy_epsilon.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"privacy.json", "privacy.md", "privacy.html", "privacy_epsilon.png",
+                                                    "privacy_budget.png", "privacy_noise.png"}
