@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +68,13 @@ def train_locally(
     noise_generator: torch.Generator | None = None,
     optimizer_name: str = "adam",
     trim_padding: bool = True,
+    before_step: Callable[[], None] | None = None,
 ) -> LocalResult:
     """Run exactly `steps` optimizer steps (re-iterating the loader as needed).
 
     `trim_padding` drops padding columns no example of the batch uses (same result, less compute).
+    `before_step` is called first thing in every step, before its gradients or noise exist: the privacy
+    ledger counts the step there (`PrivacyLedger.count_step`), so a crash can never hide one.
     """
     model.to(device)
     model.train()
@@ -96,7 +100,7 @@ def train_locally(
         # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
         # torch warning on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding)
+        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step)
     if hasattr(model, "_close"):
         model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
     finite = [x for x in losses if x == x]
@@ -108,11 +112,14 @@ def train_locally(
     )
 
 
-def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool) -> list[float]:
+def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool,
+               before_step: Callable[[], None] | None = None) -> list[float]:
     """The loss of each of `steps` optimizer steps (NaN for an empty Poisson batch)."""
     losses: list[float] = []
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
+            if before_step is not None:
+                before_step()
             if trim_padding:
                 input_ids, attention_mask = trim(input_ids, attention_mask)
             optimizer.zero_grad(set_to_none=True)

@@ -84,7 +84,7 @@ def train_round(
                       f"> target {config.target_epsilon}")
             return TrainOutcome(arrays={}, metrics=_metrics(0, ledger, refused=True), ledger=ledger.to_dict(),
                                 refused=True, reason=reason)
-        ledger.charge(step)
+        ledger.open_round(step)  # each step is counted on disk before it runs (train_locally's before_step)
 
     adapted = build_model(config, num_labels=len(data.train.label_names))
     if fold:
@@ -99,9 +99,10 @@ def train_round(
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                       grad_sample_mode=get_adapter(config.adapter).grad_sample_mode), device=pick_device(),
+        before_step=ledger.count_step if noise is not None else None,
     )
     if noise is not None:
-        ledger.settle(server_round, result.steps)
+        ledger.close_round(result.steps)
     metrics = _metrics(len(data.train), ledger, refused=False)
     metrics.update({"train-loss": result.mean_loss, "first-loss": result.first_loss, "steps": result.steps,
                     "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})

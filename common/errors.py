@@ -28,6 +28,10 @@ class LedgerError(FedloraError):
     """A privacy ledger file is truncated, corrupted or was edited: never read as an empty ledger."""
 
 
+class CheckpointError(FedloraError):
+    """A server checkpoint is truncated, corrupted, or of another run config: never a silent restart."""
+
+
 def exit_on_user_error(main: F) -> F:
     """Wrap a command-line entry point: a FedloraError becomes `error: ...` and exit code 2."""
 

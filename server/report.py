@@ -162,7 +162,8 @@ def client_summaries(report: dict) -> list[ClientSummary]:
         out.append(ClientSummary(
             id=str(client["id"]), target=target, epsilon=eps,
             remaining=None if target is None or eps is None else target - eps,
-            rounds=len(history), steps=sum(row["steps"] for row in history),
+            rounds=len({row["round"] for row in history}),  # a round re-run after a crash has two rows
+            steps=sum(row["steps"] for row in history),
             noise=None if last is None else last["noise_multiplier"],
             sample_rate=None if last is None else last["sample_rate"],
             audit=client.get("audit") or None,

@@ -5,6 +5,10 @@ adapter and head), `clients/` (each client's last LoRA reply, where replies carr
 `run_config.json`, `labels.json` (label names by class index), and the privacy report (`privacy.json`,
 `.md`, `.png`). `python -m server.export RUN_DIR` turns it into a model; `python -m server.merge
 RUN_DIR` merges the clients' own adapters into one.
+
+After every round RUN_DIR/checkpoint/ is rewritten (server/checkpoint.py). A ServerApp started on a run
+dir with a checkpoint of the same run config resumes after its round: the final outputs combine the
+rounds before and after the restart.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.adapter_init import initial_frozen_factors
 from server.aggregation import lora_layer_keys
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.report import build_report, describe_fault, write_report
 from server.strategies import check_compatible, get_strategy
 
@@ -82,18 +87,19 @@ def run(grid: Grid, context: Context) -> Path:
     check_compatible(config.strategy, config.adapter, config.client_rank_list)
     run_dir = resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = load_checkpoint(run_dir, config.to_flower())  # before anything in run_dir is rewritten
     (run_dir / "run_config.json").write_text(json.dumps(config.to_flower(), indent=2, default=str))
     log.info("run directory: %s", run_dir)
 
     evaluator = GlobalEvaluator(config)
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
     strategy = strategy_class.from_config(config, str(run_dir))
-    frozen = initial_frozen_factors(config, evaluator.adapted, grid, strategy)
-    load_state(evaluator.adapted.model, frozen)
-    strategy.broadcast_keys = set(frozen)
-    initial = {**evaluator.initial_arrays(), **frozen}
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=config.num_rounds,
-                            evaluate_fn=evaluator)
+    initial, resume = starting_point(config, evaluator, grid, strategy, checkpoint)
+    result = strategy.start(
+        grid=grid, initial_arrays=to_record(initial), num_rounds=config.num_rounds, evaluate_fn=evaluator,
+        after_round=lambda rnd, arrays, res: save_checkpoint(run_dir, rnd, from_record(arrays), strategy, res,
+                                                             config.to_flower()),
+        **resume)
 
     final = from_record(result.arrays) if result.arrays is not None else initial
     save_file(final, str(run_dir / "adapter.safetensors"))
@@ -107,7 +113,7 @@ def run(grid: Grid, context: Context) -> Path:
         strategy.ledgers, delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
         run={"strategy": config.strategy, "rounds": config.num_rounds, "model": resolve_model_path(config.model),
              "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank},
-        faults=strategy.faults,
+        faults=strategy.faults, trained_rounds=strategy.trained_rounds,
     )
     markdown = write_report(run_dir, report)
     for row in rounds:
@@ -119,6 +125,32 @@ def run(grid: Grid, context: Context) -> Path:
         log.warning("fault: %s", describe_fault(fault))
     log.info("privacy report: %s", markdown)
     return run_dir
+
+
+def starting_point(config: RunConfig, evaluator: GlobalEvaluator, grid: Grid, strategy, checkpoint: Checkpoint | None
+                   ) -> tuple[dict, dict]:
+    """(global arrays before the first round to run, the `strategy.start` keywords that resume the run).
+
+    Fresh: the model's initial adapter plus any data-initialized frozen factors (server/adapter_init.py).
+    From a checkpoint: its arrays (which hold those frozen factors: no second init step) and strategy state.
+    """
+    if checkpoint is None:
+        frozen = initial_frozen_factors(config, evaluator.adapted, grid, strategy)
+        strategy.broadcast_keys = set(frozen)
+        initial, resume = {**evaluator.initial_arrays(), **frozen}, {}
+    else:
+        strategy.load_state_dict(checkpoint.strategy_state, checkpoint.strategy_arrays)
+        initial, done = checkpoint.arrays, checkpoint.round
+        frozen = {key: initial[key] for key in strategy.broadcast_keys}
+        log.info("resuming from round %d (%s): rounds %d..%d left", done, checkpoint.path, done + 1,
+                 config.num_rounds)
+        if done < config.num_rounds:
+            strategy.record_fault(done + 1, None, None, "server-restart",
+                                  f"the ServerApp stopped after round {done} and was started again",
+                                  f"resumed from the checkpoint of round {done}")
+        resume = {"first_round": done + 1, "result": checkpoint.result}
+    load_state(evaluator.adapted.model, frozen)
+    return initial, resume
 
 
 def save_client_adapters(directory: Path, adapters: dict[str, tuple[dict, float]]) -> None:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -81,25 +82,45 @@ def _wait_healthy(process: subprocess.Popen, port: int, log_file: Path) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's whole process group (it spawns the simulation), then SIGKILL."""
+    """SIGTERM the SuperLink's process group and every process below it, then SIGKILL what is left.
+
+    The descendants are listed first and by pid: flower-superexec starts a session (process group) of its
+    own, and the simulation under it (ServerApp and ClientApps) would run on, orphaned, if only the
+    SuperLink's group were signalled. psutil comes with Ray.
+    """
+    import psutil
+
+    try:
+        below = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for child in below:
+            try:
+                child.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
+            pass
+        _, below = psutil.wait_procs(below, timeout=wait)
         try:
             process.wait(timeout=wait)
-            return
         except subprocess.TimeoutExpired:
             continue
+        if not below:
+            return
 
 
 def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: int = 1,
-             gpus_per_client: float = 0.0, stdout=None, timeout: float | None = None) -> int | None:
+             gpus_per_client: float = 0.0, stdout=None, timeout: float | None = None,
+             until: Callable[[], bool] | None = None) -> int | None:
     """`flwr run . fedlora-sim --stream` with these run-config overrides; returns its exit code.
 
     `stdout`: where Flower's log goes (default: ours). With `timeout` (seconds), a run still going then is
-    killed and None returned (the SuperLink's simulation stops with the SuperLink).
+    killed and None returned (the SuperLink's simulation stops with the SuperLink). `until`: polled every
+    0.2 s; once it returns True, the same (tests/test_e2e_resume.py stops a run after a given round).
     """
     overrides = " ".join(f"{key}={_toml(value)}" for key, value in run_config.items())
     command = [
@@ -109,12 +130,14 @@ def flwr_run(env: dict, run_config: dict, num_supernodes: int, cpus_per_client: 
     ]
     process = subprocess.Popen(command, env=env, cwd=APP_DIR, stdout=stdout,
                                stderr=subprocess.STDOUT if stdout is not None else None)
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while process.poll() is None:
+        if (deadline is not None and time.monotonic() > deadline) or (until is not None and until()):
+            process.kill()
+            process.wait()
+            return None
+        time.sleep(0.2)
+    return process.returncode
 
 
 def federation_config(num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> str:

@@ -88,9 +88,11 @@ def reply(node_id: int, arrays: dict | None, examples: int = 10, refused: int = 
     return Message(content=content, reply_to=to or instruction(node_id))
 
 
-def ledger_of(node_id: int) -> dict:
+def ledger_of(node_id: int, rounds: int = 5) -> dict:
+    """A client's ledger after training rounds 1..`rounds` (the server checks it covers the current round)."""
     return {"client_id": str(node_id),
-            "history": [{"round": 1, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": node_id}]}
+            "history": [{"round": r, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": node_id}
+                        for r in range(1, rounds + 1)]}
 
 
 def client_update(strategy, seed: int) -> dict[str, np.ndarray]:

@@ -1,9 +1,18 @@
 """A client's privacy ledger: every round it trained, on disk, surviving rounds and restarts.
 
 Opacus' accountant lives inside a PrivacyEngine, and a new engine per round would forget what was
-spent. The ledger is the source of truth instead: a round is charged *before* it trains (so a crash
-mid-round cannot hide steps), then settled with the steps actually taken. Writes are atomic
-(temp file, fsync, rename) so a killed process leaves the old or the new ledger, never half of one.
+spent. The ledger is the source of truth instead. A training round is counted step by step: `open_round`
+checks that all its planned steps fit the budget, then `count_step` adds one step to the round's row,
+durably, *before* each DP step runs. So a crash can never hide a step, and a client killed after j of S
+steps has exactly j in its ledger (a step that began counts, even if the crash came before its noise:
+its batch was drawn and its gradients computed). Writes are atomic (temp file, fsync, rename, fsync of
+the directory) so a killed process leaves the old or the new ledger, never half of one.
+
+A round number can appear twice: a client that crashed (or whose server crashed and resumed from an
+earlier checkpoint) and is sent the same round again trains it as a new execution with a row of its own.
+The steps of the first execution ran and consumed privacy even though nothing was released, so its row
+stays; the new row starts at 0 steps, so no step is counted twice. An execution that crashed before its
+first step leaves no row (nothing ran).
 
 The file carries a SHA-256 checksum of its content, checked on every load: a truncated, corrupted or
 hand-edited ledger raises LedgerError instead of being read as less spending than happened. A ledger
@@ -42,6 +51,8 @@ class PrivacyLedger:
         self.delta = delta
         self.accountant = accountant
         self.history: list[PrivacyStep] = []
+        self._open: PrivacyStep | None = None  # the round being counted step by step (open_round)
+        self._open_row: int | None = None  # its row in history, once its first step is counted
         if self.path.exists():
             self._load()
 
@@ -75,6 +86,40 @@ class PrivacyLedger:
             )
         self.history.append(step)
         self._save()
+
+    def open_round(self, step: PrivacyStep) -> None:
+        """Start counting a round step by step; refuse (ValueError) unless all `step.steps` fit the budget.
+
+        Nothing is written yet: the round's row appears with its first `count_step`, as its own row even if
+        an earlier execution of the same round number left one (see the module docstring)."""
+        if not self.allows(step):
+            raise ValueError(
+                f"client {self.client_id}: round {step.round} would reach epsilon "
+                f"{self.epsilon_if(step):.3f} > target {self.target_epsilon}"
+            )
+        self._open, self._open_row = step, None
+
+    def count_step(self) -> None:
+        """One more DP step of the open round, on disk before the step runs (call it first thing in a step)."""
+        if self._open is None:
+            raise ValueError(f"client {self.client_id}: count_step without open_round")
+        if self._open_row is None:
+            self.history.append(PrivacyStep(self._open.round, self._open.noise_multiplier, self._open.sample_rate, 0))
+            self._open_row = len(self.history) - 1
+        row = self.history[self._open_row]
+        if row.steps >= self._open.steps:
+            raise ValueError(f"client {self.client_id}: round {row.round} would take more than the "
+                             f"{self._open.steps} steps its budget check allowed")
+        self.history[self._open_row] = PrivacyStep(row.round, row.noise_multiplier, row.sample_rate, row.steps + 1)
+        self._save()
+
+    def close_round(self, steps_taken: int) -> None:
+        """End the open round; `steps_taken` (the training loop's count) must not exceed the counted steps."""
+        counted = 0 if self._open_row is None else self.history[self._open_row].steps
+        if steps_taken > counted:
+            raise ValueError(f"client {self.client_id}: the round took {steps_taken} steps but the ledger "
+                             f"counted {counted}: a step ran uncounted")
+        self._open, self._open_row = None, None
 
     def settle(self, round_number: int, steps_taken: int) -> None:
         """Replace the charged step count of `round_number` with the steps actually taken (never more)."""
@@ -117,6 +162,16 @@ def write_ledger(path: Path, content: dict) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (the new name survives a power loss, not only a killed process)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_ledger(path: Path) -> dict:

@@ -5,6 +5,9 @@ Each strategy is a Flower `FedAvg` (Message API) and changes only what differs:
 - `static_factors`: factors every party rebuilds from the run seed, so the server never sends them;
 - `after_averaging`: a post-processing step on the new global state (FedSVD's re-orthogonalization).
 Everything here acts on the clients' DP outputs only: the server never sees raw data.
+
+`start` is Flower's round loop made resumable (a `first_round` and an `after_round` hook), and
+`state_dict` / `load_state_dict` are what server/checkpoint.py saves after every round.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import json
 import math
 import random
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from common.errors import ConfigError
 from common.logs import get_logger
@@ -99,12 +103,86 @@ class LoRAStrategy(FedAvg):
         self.faults: list[dict] = []  # every fault seen: round, node, client, kind, reason, action
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent a training instruction
         self.node_clients: dict[int, str] = {}  # node id -> the client id its last readable reply gave
+        self.trained_rounds: dict[str, list[int]] = {}  # client -> rounds it trained (report's ledger check)
 
     @classmethod
     def from_config(cls, config, run_dir: str) -> "LoRAStrategy":
         """The strategy a run config asks for (`config` is a common.config.RunConfig)."""
         return cls(clients_per_round=config.clients_per_round, seed=config.seed, run_dir=run_dir,
                    adapter=config.adapter, **fault_options(config))
+
+    # ---- the round loop and its checkpointed state ---------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
+              first_round: int = 1, result: Result | None = None,
+              after_round: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+        """Flower's `Strategy.start` loop (same steps, same order), able to continue a run.
+
+        `first_round` > 1 resumes a run whose earlier rounds are in `result` (its `arrays` the global state
+        after round first_round - 1) and whose strategy state was restored with `load_state_dict`: there is
+        no round-0 evaluation, and rounds are numbered first_round..num_rounds as in an uninterrupted run,
+        so the clients' ledgers and the seeded sampling see the same round numbers.
+        `after_round(round, arrays, result)` runs once a round is complete (training, client evaluation,
+        server evaluation): server/server_app.py writes the checkpoint there.
+        """
+        log.info("starting %s, rounds %d..%d", type(self).__name__, first_round, num_rounds)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        result = result or Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        if first_round == 1 and evaluate_fn and (metrics := evaluate_fn(0, arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = metrics
+        for current_round in range(first_round, num_rounds + 1):
+            log.info("[ROUND %d/%d]", current_round, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(current_round, arrays, train_config, grid),
+                                            timeout=timeout)
+            new_arrays, metrics = self.aggregate_train(current_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[current_round] = metrics
+            replies = grid.send_and_receive(self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            if (metrics := self.aggregate_evaluate(current_round, replies)) is not None:
+                result.evaluate_metrics_clientapp[current_round] = metrics
+            if evaluate_fn and (metrics := evaluate_fn(current_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[current_round] = metrics
+            if after_round is not None:
+                after_round(current_round, arrays, result)
+        return result
+
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a resumed run needs besides the global arrays: (JSON-able state, the clients' last adapters).
+
+        No RNG state: every random choice on the server (client sampling, randomized SVDs) is seeded by
+        the run seed and the round number. `sampled` and `last_bytes_down` only live within a round.
+        """
+        order = sorted(self.client_adapters)
+        arrays = {f"{i}/{key}": value for i, client in enumerate(order)
+                  for key, value in self.client_adapters[client][0].items()}
+        state = {"ledgers": self.ledgers, "faults": self.faults,
+                 "refusals": {str(r): clients for r, clients in self.refusals.items()},
+                 "node_clients": {str(node): client for node, client in self.node_clients.items()},
+                 "broadcast_keys": sorted(self.broadcast_keys), "trained_rounds": self.trained_rounds,
+                 "client_adapters": [[client, self.client_adapters[client][1]] for client in order]}
+        return state, arrays
+
+    def load_state_dict(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of `state_dict`."""
+        self.ledgers = dict(state["ledgers"])
+        self.faults = list(state["faults"])
+        self.refusals = {int(r): list(clients) for r, clients in state["refusals"].items()}
+        self.node_clients = {int(node): client for node, client in state["node_clients"].items()}
+        self.broadcast_keys = set(state["broadcast_keys"])
+        self.trained_rounds = {client: list(rounds) for client, rounds in state.get("trained_rounds", {}).items()}
+        self.client_adapters = {}
+        for i, (client, weight) in enumerate(state["client_adapters"]):
+            prefix = f"{i}/"
+            self.client_adapters[client] = (
+                {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, float(weight))
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -191,15 +269,22 @@ class LoRAStrategy(FedAvg):
                 continue
             content = reply.content
             client, ledger, problem = self._read_privacy(content, str(node))
+            reply_metrics = content.metric_records.get("metrics")
+            if ledger is not None:
+                trained_now = not problem and not (reply_metrics is not None and reply_metrics.get("refused", 0))
+                gap = self._ledger_gap(client, ledger, server_round if trained_now else None)
+                if gap:  # keep the longer ledger seen before: the report must not under-state what was spent
+                    problem, ledger = gap, None
             if ledger is not None:
                 self.ledgers[client] = ledger
                 self.node_clients[node] = client
-            reply_metrics = content.metric_records.get("metrics")
             if not problem and reply_metrics is not None and reply_metrics.get("refused", 0):
                 refused.append(client)
                 log.warning("round %d: client %s refused to train (%s)", server_round, client,
                             content["privacy"].get("reason", ""))
                 continue
+            if ledger is not None:  # it trained (even if its payload is rejected below): its ledger must say so
+                self.trained_rounds.setdefault(client, []).append(server_round)
             payload, problem = ({}, problem) if problem else self._read_reply(content, node)
             problem = _short(problem)
             if problem:
@@ -245,6 +330,20 @@ class LoRAStrategy(FedAvg):
             "bytes-up": int(bytes_up), "bytes-down": int(self.last_bytes_down),
         }
         return to_record(new_global), MetricRecord(summary)
+
+    def _ledger_gap(self, client: str, ledger: dict, this_round: int | None) -> str:
+        """Why a private client's ledger cannot be right, or "": it must hold a row for every round the server
+        saw the client train, and for `this_round` if it trained now (a reset or trimmed ledger under-states)."""
+        rows = {int(row["round"]) for row in ledger.get("history", [])}
+        target = ledger.get("target_epsilon")
+        if not rows and not (_is_number(target) and math.isfinite(target)):
+            return ""  # trained without DP: no rows to keep
+        needed = set(self.trained_rounds.get(client, ())) | ({this_round} if this_round is not None else set())
+        missing = sorted(needed - rows)
+        if not missing:
+            return ""
+        return (f"its ledger has no row for round(s) {', '.join(map(str, missing))} it trained: its epsilon would "
+                "be under-stated")
 
     def record_fault(self, server_round: int, node: int | None, client: str | None, kind: str, reason: str,
                      action: str) -> None:

@@ -44,6 +44,18 @@ class RankHeteroStrategy(LoRAStrategy):
                    adapter=config.adapter, r_max=config.rank, global_max_rank=config.global_max_rank,
                    prune=config.hetlora_prune, **fault_options(config))
 
+    def state_dict(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Also each node's rank (declared, or lowered by HetLoRA's pruning): a resumed run keeps them.
+
+        They are keyed by node id: a restarted SuperLink whose nodes get new ids asks them again (and
+        HetLoRA's pruning starts over); FLoRA's stack is in the global arrays themselves."""
+        state, arrays = super().state_dict()
+        return {**state, "node_ranks": {str(node): rank for node, rank in self.node_ranks.items()}}, arrays
+
+    def load_state_dict(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        super().load_state_dict(state, arrays)
+        self.node_ranks = {int(node): int(rank) for node, rank in state["node_ranks"].items()}
+
     # ---- the one thing each strategy defines ---------------------------------------------------
     def merge_layer(self, bs: list[np.ndarray], as_: list[np.ndarray], weights: list[float],
                     b_global: np.ndarray, a_global: np.ndarray, server_round: int) -> tuple[np.ndarray, np.ndarray]:
