@@ -54,6 +54,7 @@ class RunConfig:
     target_modules: str = "query,value"
     nola_bases: int = 64
     salt_lora_rank: int = 8
+    block_lora_blocks: int = 4
     init_data: str = "public"
     public_examples: int = 128
     strategy: str = "fedsvd"
@@ -172,6 +173,7 @@ _RULES = [
     ("lora_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
     ("salt_lora_rank", _positive, "the rank of SALT's LoRA on the remaining subspace must be an integer >= 1"),
+    ("block_lora_blocks", _positive, "Block-LoRA splits the input into at least one block"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
     ("base", lambda v: v in BASES,
      f"choose fp32 (full precision) or nf4 (QLoRA's 4-bit NormalFloat base); {', '.join(PLANNED_BASES)} are "

@@ -2,8 +2,8 @@
 
 Merging folds each layer's ΔW into its frozen base weight and puts the plain `nn.Linear` back, so the
 result is the original architecture with new weights: `from_pretrained` loads it, no fedlora needed.
-Adapters whose math PEFT has (LoRA, DoRA, RandLoRA) can also be written as a PEFT adapter directory, through
-PEFT's own serializer, so `PeftModel.from_pretrained` gives the same logits.
+Adapters whose math PEFT has (LoRA, DoRA, RandLoRA, Bone and Bat as PEFT's MiSS) can also be written as a PEFT
+adapter directory, through PEFT's own serializer, so `PeftModel.from_pretrained` gives the same logits.
 """
 
 from __future__ import annotations

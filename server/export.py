@@ -5,7 +5,7 @@
 Writes DIR (default RUN_DIR/merged) with the adapter merged into the base weights: a plain
 `transformers` model plus tokenizer, loadable with `AutoModelForSequenceClassification.from_pretrained`.
 With `--peft` it also writes RUN_DIR/peft, a PEFT adapter for `PeftModel.from_pretrained`
-(adapters lora, dora, randlora: those PEFT has).
+(adapters lora, dora, randlora, bone, bat: those PEFT has).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run directory printed at the end of a run")
     parser.add_argument("--out", type=Path, help="where to write the merged model (default RUN_DIR/merged)")
-    parser.add_argument("--peft", action="store_true", help="also write RUN_DIR/peft (adapters lora, dora, randlora)")
+    parser.add_argument("--peft", action="store_true",
+                        help="also write RUN_DIR/peft (adapters lora, dora, randlora, bone, bat)")
     args = parser.parse_args(argv)
     config, arrays, labels = load_run(args.run_dir)
     adapted = adapted_with(config, arrays, labels)

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 
 from common.adapters.base import AdapterLayer
+from common.adapters.bat import BatConfig, BatLinear, bat_peft_config, bat_trainable_count
+from common.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_trainable_count
+from common.adapters.bone import BoneConfig, BoneLinear, bone_peft_config, bone_trainable_count
 from common.adapters.dora import DoRALinear, dora_trainable_count
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
 from common.adapters.core_basis import core_trainable_count
 from common.adapters.lamda import LaMDAConfig, lamda_linear
 from common.adapters.lora_xs import LoRAXSConfig, lora_xs_linear
 from common.adapters.diagonal_basis import diagonal_trainable_count
+from common.adapters.hydra import HydraConfig, HydraLinear, hydra_trainable_count
 from common.adapters.lora_sb import LoRASBConfig, bases_from_gradient, lora_sb_linear
 from common.adapters.loldu import LoLDUConfig, loldu_linear
 from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
@@ -27,6 +31,7 @@ from common.adapters.randlora import (RandLoRAConfig, RandLoRALinear, fill_peft_
                                       randlora_trainable_count)
 from common.adapters.salt import SALTConfig, SALTLinear, salt_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
+from common.adapters.wara import WaRAConfig, WaRALinear, wara_trainable_count
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -145,6 +150,47 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("salt_scale", "salt_shift", "lora_A", "lora_B"),
         exact_averaging=False,  # the LoRA part is bilinear; (a, b) average exactly only while no ReLU clips
         trainable_count=salt_trainable_count,
+    ),
+    "bone": AdapterKind(
+        make_config=lambda c: BoneConfig(rank=c.rank, target_modules=c.target_module_names),
+        wrap=BoneLinear,
+        trainable_factors=("miss_block",),
+        exact_averaging=True,  # ΔW = tile(bᵀ) is linear in b and does not involve W0
+        trainable_count=bone_trainable_count,
+        peft_config=bone_peft_config,
+    ),
+    "bat": AdapterKind(
+        make_config=lambda c: BatConfig(rank=c.rank, target_modules=c.target_module_names),
+        wrap=BatLinear,
+        trainable_factors=("miss_block",),
+        exact_averaging=True,  # ΔW_ij = (W0_ij + I) b_i is linear in b (W0 is the same everywhere)
+        trainable_count=bat_trainable_count,
+        peft_config=bat_peft_config,
+    ),
+    "block_lora": AdapterKind(
+        make_config=lambda c: BlockLoRAConfig(rank=c.rank, alpha=c.alpha, blocks=c.block_lora_blocks,
+                                              dropout=c.lora_dropout, target_modules=c.target_module_names,
+                                              seed=c.seed),
+        wrap=BlockLoRALinear,
+        trainable_factors=("block_A", "block_B"),
+        exact_averaging=False,  # ΔW = s B tile(A_0) is bilinear, as LoRA's
+        trainable_count=block_lora_trainable_count,
+    ),
+    "hydra": AdapterKind(
+        make_config=lambda c: HydraConfig(rank=c.rank, alpha=c.alpha, dropout=c.lora_dropout,
+                                          target_modules=c.target_module_names, seed=c.seed),
+        wrap=HydraLinear,
+        trainable_factors=("hydra_par_A", "hydra_par_B", "hydra_seq_A", "hydra_seq_B"),
+        exact_averaging=False,  # each branch's ΔW is bilinear in its (A, B)
+        trainable_count=hydra_trainable_count,
+    ),
+    "wara": AdapterKind(
+        make_config=lambda c: WaRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names,
+                                         seed=c.seed),
+        wrap=WaRALinear,
+        trainable_factors=tuple(f"wara_{band}_{side}" for band in ("LL", "LH", "HL", "HH") for side in "AB"),
+        exact_averaging=False,  # bilinear in each sub-band's (A, B)
+        trainable_count=wara_trainable_count,
     ),
 }
 
