@@ -11,8 +11,10 @@ the cell's processes, and the intruder dimensions of the final global model.
 
 Resume: a cell whose latest row says "ok" is never run again; a "failed" row (a nonzero exit, a timeout,
 a missing report) is kept in the file and the cell runs again on the next invocation, so no failure is
-dropped and no finished work is redone. Rows are appended and fsync'ed one at a time: a sweep killed at
-any moment loses at most the cell it was running.
+dropped and no finished work is redone. Rows are appended and fsync'ed one at a time, and each cell's
+ServerApp checkpoints every round in its run directory: a sweep killed at any moment loses at most the
+round it was running (the cell resumes from its checkpoint; a cell whose run had finished is only
+collected again).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cell.id}  {status:>7}  {cell.label()}")
         print(f"{len(cells)} cells ({sum(finished.get(c.id, {}).get('status') == 'ok' for c in cells)} finished)")
         return 0
+    # SIGTERM (a `kill`, a scheduler's time limit) unwinds like Ctrl-C, so the cell's SuperLink is stopped;
+    # the cell it interrupts has no row yet and runs again (from its checkpoint) on the next invocation.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows = run_sweep(sweep, flower_cell(sweep.delta, args.cell_timeout), defaults)
     return 1 if any(row["status"] != "ok" for row in rows) else 0
 

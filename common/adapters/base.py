@@ -52,6 +52,27 @@ class AdapterLayer(nn.Module):
             self.merged = False
 
 
+
+class RemembersMergedDelta:
+    """For adapter layers whose ΔW depends on W0 (DoRA's row norms, Bat's W0 blocks): once merged, W0 has
+    changed, so `unmerge` subtracts the ΔW that `merge` added instead of recomputing it. The layer sets
+    `self._merged_delta = None` in `__init__` (a plain attribute: a buffer beside trainable parameters would
+    break Opacus) and returns it from `delta_weight` while merged."""
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._merged_delta = self.delta_weight().detach().clone()
+            self.base.weight += self._merged_delta.to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self._merged_delta.to(self.base.weight.dtype)
+            self._merged_delta = None
+            self.merged = False
+
 def frozen_linear(weight: torch.Tensor, like: nn.Linear) -> nn.Linear:
     """A bias-free `nn.Linear` holding `weight` (out x in), frozen, on `like`'s device and dtype."""
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from common.adapters.base import AdapterLayer
+from common.adapters.base import AdapterLayer, RemembersMergedDelta
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def bat_block_grad_sample(layer: BatBlock, activations: list[torch.Tensor], back
     return {layer.weight: through_w0 + grads.sum(dim=3)}
 
 
-class BatLinear(AdapterLayer):
+class BatLinear(RemembersMergedDelta, AdapterLayer):
     def __init__(self, base: nn.Linear, config: BatConfig, name: str):
         super().__init__(base)
         self.miss_block = BatBlock(config.rank, base.out_features)
@@ -97,20 +97,6 @@ class BatLinear(AdapterLayer):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.miss_block(self.base.weight, x)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._merged_delta = self.delta_weight().detach().clone()
-            self.base.weight += self._merged_delta.to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self._merged_delta.to(self.base.weight.dtype)
-            self._merged_delta = None
-            self.merged = False
 
 
 def bat_trainable_count(d_out: int, d_in: int, config: BatConfig) -> int:

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.adapters.base import RemembersMergedDelta
 from common.adapters.diagonal import DiagonalScale
 from common.adapters.lora import LoRAConfig, LoRALinear
 
 
-class DoRALinear(LoRALinear):
+class DoRALinear(RemembersMergedDelta, LoRALinear):
     def __init__(self, base: nn.Linear, config: LoRAConfig, name: str):
         super().__init__(base, config, name)
         self.lora_magnitude_vector = DiagonalScale(base.out_features)
@@ -49,20 +50,6 @@ class DoRALinear(LoRALinear):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x) - self.base(x)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self._merged_delta = self.delta_weight().detach().clone()
-            self.base.weight += self._merged_delta.to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self._merged_delta.to(self.base.weight.dtype)
-            self.merged = False
-            self._merged_delta = None
 
 
 def dora_trainable_count(d_out: int, d_in: int, config: LoRAConfig) -> int:
