@@ -18,7 +18,6 @@ again from round 0 by accident, which would train rounds 1..k a second time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from safetensors.numpy import load, save
 
 from common.errors import CheckpointError
 from common.payload import from_record, to_record
-from common.privacy.ledger import CHECKSUM_KEY, checksum_of, fsync_directory
+from common.privacy.ledger import CHECKSUM_KEY, checksum_of, fsync_directory, sha256_of
 
 CHECKPOINT = "checkpoint"
 STATE, GLOBAL, CLIENTS = "state.json", "global.safetensors", "clients.safetensors"
@@ -68,7 +67,7 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: dict[str, np.ndarr
     strategy_state, strategy_arrays = strategy.state_dict()
     blobs = {GLOBAL: _tensor_bytes(arrays), CLIENTS: _tensor_bytes(strategy_arrays)}
     state = {"format": FORMAT, "round": server_round, "run_config": settings_of(run_config),
-             "files": {name: _sha256(blob) for name, blob in blobs.items()},
+             "files": {name: sha256_of(blob) for name, blob in blobs.items()},
              # safetensors stores tensors in its own order; dict order reaches the clients and the merges
              "order": {GLOBAL: list(arrays), CLIENTS: list(strategy_arrays)},
              "strategy": strategy_state,
@@ -143,7 +142,7 @@ def _read_tensors(path: Path, name: str, expected: str, order: list[str]) -> dic
         blob = (path / name).read_bytes()
     except FileNotFoundError:
         raise _damaged(path, f"has no {name}") from None
-    if _sha256(blob) != expected:
+    if sha256_of(blob) != expected:
         raise _damaged(path, f"has a {name} that does not match the checksum in {STATE} (truncated or corrupted)")
     tensors = load(blob)
     return {key: tensors[key] for key in order}
@@ -151,10 +150,6 @@ def _read_tensors(path: Path, name: str, expected: str, order: list[str]) -> dic
 
 def _tensor_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return save({key: np.ascontiguousarray(value) for key, value in arrays.items()})
-
-
-def _sha256(blob: bytes) -> str:
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _write_durably(path: Path, blob: bytes) -> None:

@@ -60,10 +60,9 @@ def summary_table(rows: list[dict], defaults: dict) -> str:
         sent = sum(r["bytes_up"] + r["bytes_down"] for r in members) / len(members) / 1e6
         intruders = sum(r.get("intruders_total", 0) for r in members) / len(members)
         ci = "" if math.isnan(half) else f" ± {half:.3f}"
+        spent_text = f"{max(spent):.2f}" if spent else "not private"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_eps(key[3])} | {mean:.3f}{ci} | {len(members)} | "
-                     f"{max(spent):.2f} | {sent:.1f} | {intruders:.1f} |" if spent else
-                     f"| {key[0]} | {key[1]} | {key[2]} | {_eps(key[3])} | {mean:.3f}{ci} | {len(members)} | "
-                     f"not private | {sent:.1f} | {intruders:.1f} |")
+                     f"{spent_text} | {sent:.1f} | {intruders:.1f} |")
     reference = [r for r in rows if r.get("status") == "ok" and r.get("kind") == "reference"]
     if reference:
         mean, half = mean_interval([r["accuracy"] for r in reference])

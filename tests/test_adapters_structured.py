@@ -42,24 +42,30 @@ def test_bone_update_is_the_shared_block_tiled_across_input_blocks_with_a_partia
     torch.testing.assert_close(layer(x), F.linear(x, layer.base.weight + delta, layer.base.bias))
 
 
-def test_bone_equals_peft_miss_on_a_layer_whose_width_the_rank_does_not_divide():
-    """PEFT pads x to a multiple of r in the forward and tiles bᵀ when merging; we must agree with both."""
+def assert_equals_peft_miss(layer, d_in: int, d_out: int, rank: int, init_weights) -> None:
+    """PEFT's MiSS layer on the same base (seed 0) holding our trained block gives our forward, and its
+    merge gives our W0 + ΔW."""
     from peft import MissConfig, get_peft_model
 
-    layer, _ = wrapped("bone", d_in=10, d_out=6, rank=4)
-    randomize_trainables(layer, seed=2)
     model = nn.Sequential()
     torch.manual_seed(0)
-    model.add_module("query", nn.Linear(10, 6))
-    peft_model = get_peft_model(model, MissConfig(r=4, target_modules=["query"], init_weights=True))
+    model.add_module("query", nn.Linear(d_in, d_out))
+    peft_model = get_peft_model(model, MissConfig(r=rank, target_modules=["query"], init_weights=init_weights))
     peft_layer = peft_model.base_model.model.query
     with torch.no_grad():
         peft_layer.miss_block["default"].copy_(layer.miss_block.weight)
-    x = tokens(10)
+    x = tokens(d_in)
     torch.testing.assert_close(peft_model(x), layer(x), atol=1e-6, rtol=1e-5)
     peft_layer.merge()
     torch.testing.assert_close(peft_layer.base_layer.weight, layer.base.weight + layer.delta_weight(),
                                atol=1e-6, rtol=1e-5)
+
+
+def test_bone_equals_peft_miss_on_a_layer_whose_width_the_rank_does_not_divide():
+    """PEFT pads x to a multiple of r in the forward and tiles bᵀ when merging; we must agree with both."""
+    layer, _ = wrapped("bone", d_in=10, d_out=6, rank=4)
+    randomize_trainables(layer, seed=2)
+    assert_equals_peft_miss(layer, d_in=10, d_out=6, rank=4, init_weights=True)
 
 
 def test_bat_blocks_are_the_frozen_blocks_times_their_row_blocks_update_plus_it():
@@ -75,22 +81,9 @@ def test_bat_blocks_are_the_frozen_blocks_times_their_row_blocks_update_plus_it(
 
 
 def test_bat_equals_peft_miss_bat():
-    from peft import MissConfig, get_peft_model
-
     layer, _ = wrapped("bat", d_in=8, d_out=6, rank=2)
     randomize_trainables(layer, seed=9)
-    model = nn.Sequential()
-    torch.manual_seed(0)
-    model.add_module("query", nn.Linear(8, 6))
-    peft_model = get_peft_model(model, MissConfig(r=2, target_modules=["query"], init_weights="bat"))
-    peft_layer = peft_model.base_model.model.query
-    with torch.no_grad():
-        peft_layer.miss_block["default"].copy_(layer.miss_block.weight)
-    x = tokens(8)
-    torch.testing.assert_close(peft_model(x), layer(x), atol=1e-6, rtol=1e-5)
-    peft_layer.merge()
-    torch.testing.assert_close(peft_layer.base_layer.weight, layer.base.weight + layer.delta_weight(),
-                               atol=1e-6, rtol=1e-5)
+    assert_equals_peft_miss(layer, d_in=8, d_out=6, rank=2, init_weights="bat")
 
 
 def test_block_lora_equals_a_lora_whose_down_projection_is_the_shared_block_tiled():

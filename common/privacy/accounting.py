@@ -41,6 +41,8 @@ class PrivacyStep:
             raise ValueError(f"a history row needs exactly round, noise_multiplier, sample_rate, steps: {row!r}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
             raise ValueError(f"history row values must be numbers: {row!r}")
+        if not all(math.isfinite(v) for v in row.values()):  # NaN passes the range checks, inf breaks int()
+            raise ValueError(f"non-finite value in history row {row!r}")
         if row["noise_multiplier"] < 0 or not 0 < row["sample_rate"] <= 1 or row["steps"] < 0:
             raise ValueError(f"history row out of range: {row!r}")
         return cls(int(row["round"]), float(row["noise_multiplier"]), float(row["sample_rate"]), int(row["steps"]))

@@ -149,8 +149,12 @@ class PrivacyLedger:
 def checksum_of(content: dict) -> str:
     """`sha256:<hex>` of the canonical JSON of `content` (sorted keys, no spaces), the checksum key excluded."""
     body = {k: v for k, v in content.items() if k != CHECKSUM_KEY}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return sha256_of(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode())
+
+
+def sha256_of(blob: bytes) -> str:
+    """`sha256:<hex>` of raw bytes: the form every checksum of ledgers and checkpoints takes."""
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def write_ledger(path: Path, content: dict) -> None:

@@ -390,9 +390,7 @@ class LoRAStrategy(FedAvg):
         try:
             for row in ledger["history"]:
                 PrivacyStep.from_dict(row)
-                if not all(math.isfinite(value) for value in row.values()):
-                    raise ValueError(f"non-finite value in {row!r}")
-        except (TypeError, KeyError, ValueError, OverflowError) as err:
+        except (TypeError, KeyError, ValueError) as err:
             return client, None, f"its ledger has no valid history ({str(err)[:200]})"
         return client, ledger, ""
 
