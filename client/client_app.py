@@ -107,7 +107,9 @@ def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: Tr
         "privacy": ConfigRecord({"client-id": identity.client_id, "ledger": json.dumps(outcome.ledger),
                                  "reason": outcome.reason}),
         # the server rejects a payload of another adapter, or of a rank it did not expect
-        "adapter": ConfigRecord({"name": config.adapter, "rank": config.rank}),
+        # ... and one trained on another frozen base than its own (common/bases/checksum.py)
+        "adapter": ConfigRecord({"name": config.adapter, "rank": config.rank,
+                                 "base": config.base, "base-sha256": outcome.extra.get("base-sha256", "")}),
     })
     if not outcome.refused:
         content["arrays"] = to_record(outcome.arrays)

@@ -69,12 +69,15 @@ def train_locally(
     optimizer_name: str = "adam",
     trim_padding: bool = True,
     before_step: Callable[[], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> LocalResult:
     """Run exactly `steps` optimizer steps (re-iterating the loader as needed).
 
     `trim_padding` drops padding columns no example of the batch uses (same result, less compute).
     `before_step` is called first thing in every step, before its gradients or noise exist: the privacy
     ledger counts the step there (`PrivacyLedger.count_step`), so a crash can never hide one.
+    `loss_fn(logits, labels)` is the batch-mean training loss (LoKU's inverted hinge loss, client/loku.py); it
+    must be a mean of per-example terms, as DP-SGD's per-sample clipping assumes.
     """
     model.to(device)
     model.train()
@@ -100,7 +103,7 @@ def train_locally(
         # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
         # torch warning on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step)
+        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step, loss_fn)
     if hasattr(model, "_close"):
         model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
     finite = [x for x in losses if x == x]
@@ -113,7 +116,7 @@ def train_locally(
 
 
 def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool,
-               before_step: Callable[[], None] | None = None) -> list[float]:
+               before_step: Callable[[], None] | None = None, loss_fn=F.cross_entropy) -> list[float]:
     """The loss of each of `steps` optimizer steps (NaN for an empty Poisson batch)."""
     losses: list[float] = []
     while len(losses) < steps:
@@ -129,7 +132,7 @@ def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_
                 losses.append(float("nan"))
             else:
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                loss = F.cross_entropy(logits, labels.to(device))
+                loss = loss_fn(logits, labels.to(device))
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))

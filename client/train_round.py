@@ -108,7 +108,8 @@ def train_round(
                     "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})
     if noise is None:
         metrics["epsilon"] = math.inf
-    return TrainOutcome(arrays=trainable_state(adapted.model, sent), metrics=metrics, ledger=ledger.to_dict())
+    return TrainOutcome(arrays=trainable_state(adapted.model, sent), metrics=metrics, ledger=ledger.to_dict(),
+                        extra={"base-sha256": adapted.base_sha256})
 
 
 def _metrics(num_examples: int, ledger: PrivacyLedger, refused: bool) -> dict:

@@ -18,10 +18,19 @@ ACCOUNTANTS = ("rdp", "prv")
 # Where a data-driven adapter initialization (LoRA-SB) reads its gradients: a public split held by the
 # server (free), or the clients' private data under DP (one DP step each, charged to their budgets).
 INIT_DATA = ("public", "private")
-# The frozen base the adapters train on (`common/bases/registry.py`): full precision or QLoRA's NF4.
-# LQ-LoRA, LoRAM and QLoRAM have their math in common/bases/ but are not selectable in a run yet.
-BASES = ("fp32", "nf4")
-PLANNED_BASES = ("lq_lora", "loram", "qloram")
+# The frozen base the adapters train on (`common/bases/registry.py`): full precision, QLoRA's NF4,
+# LQ-LoRA's Q + L1 L2, LoRAM's structurally pruned base, QLoRAM's pruned and NF4-quantized one.
+BASES = ("fp32", "nf4", "lq_lora", "loram", "qloram")
+# How the adapter starts on a compressed base: as the adapter's own init, or EoRA's compensation of the
+# NF4 error in the eigenspace of activations on the server's public split (`common/bases/eora_init.py`).
+BASE_INITS = ("none", "eora")
+# LQ-LoRA's Fisher weighting: only the data-free decomposition runs ("none"); see `_validate_base`.
+LQ_FISHER = ("none", "public", "private")
+# The cheapest of LQ-LoRA's mixed-precision configs (2 bits, blocks of 128, 8-bit scales in blocks of 256):
+# 2 + 8/128 + 32/(128*256) bits/param, the lowest budget the ILP can meet (common/bases/mixed_precision.py).
+LQ_MIN_BITS = 2.0634765625
+# Adapter factors a client may keep to itself (FedSA-LoRA: a personal B, a shared A); "" = all are shared.
+PERSONAL_FACTORS = ("", "lora_B")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,11 @@ class RunConfig:
 
     model: str = ""
     base: str = "fp32"
+    base_init: str = "none"
+    lq_bits: float = 0.0
+    lq_iters: int = 3
+    lq_fisher: str = "none"
+    prune_ratio: float = 0.5
     dataset: str = "wordnet"
     text_column: str = "text"
     label_column: str = "label"
@@ -55,6 +69,10 @@ class RunConfig:
     nola_bases: int = 64
     salt_lora_rank: int = 8
     block_lora_blocks: int = 4
+    sltrain_density: float = 0.03
+    smora_top_k: int = 2
+    diffora_modules: str = ""
+    diffora_keep: float = 0.5
     init_data: str = "public"
     public_examples: int = 128
     strategy: str = "fedsvd"
@@ -72,6 +90,19 @@ class RunConfig:
     max_update_norm: float = 0.0
     max_examples: int = 10_000_000
     max_reply_mb: float = 512.0
+    user_clip_norm: float = 0.0
+    user_noise_multiplier: float = 0.0
+    user_target_epsilon: float = math.inf
+    user_delta: float = 1e-5
+    user_population: int = 0
+    audit_canaries: int = 0
+    audit_client: int = 0
+    store_contributions: bool = False
+    unlearn_epsilon: float = 1.0
+    loku_steps: int = 10
+    loku_lr: float = 0.01
+    personal_steps: int = 0
+    personal_factors: str = ""
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -100,6 +131,11 @@ class RunConfig:
         return math.isfinite(self.target_epsilon) or self.noise_multiplier > 0
 
     @property
+    def user_level(self) -> bool:
+        """User-level DP at the server (common/privacy/user_level.py) is on when user-clip-norm > 0."""
+        return self.user_clip_norm > 0
+
+    @property
     def target_module_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.target_modules.split(",") if name.strip())
 
@@ -122,12 +158,32 @@ class RunConfig:
                 f"min-train-clients = {self.min_train_clients} > clients-per-round = {self.clients_per_round}: "
                 f"no round could ever aggregate; lower min-train-clients or raise clients-per-round"
             )
+        self._validate_user_level()
+        self._validate_base()
         ranks = self.client_rank_list
         if any(r > self.rank for r in ranks):
             raise ConfigError(
                 f"client-ranks = {self.client_ranks!r} has a rank above rank = {self.rank}, the largest (global) "
                 f"rank r_max: raise rank or lower the client's"
             )
+
+    def _validate_user_level(self) -> None:
+        if not self.user_level:
+            if self.user_noise_multiplier > 0 or math.isfinite(self.user_target_epsilon):
+                raise ConfigError("user-noise-multiplier / user-target-epsilon are set but user-clip-norm = 0: "
+                                  "user-level DP needs a clip norm C_u > 0 for each client's update")
+            return
+        if self.user_noise_multiplier == 0 and not math.isfinite(self.user_target_epsilon):
+            raise ConfigError(f"user-clip-norm = {self.user_clip_norm:g} turns on user-level DP but gives no noise: "
+                              "set user-target-epsilon (the noise is calibrated to it) or user-noise-multiplier")
+        if self.min_train_clients > 1:
+            raise ConfigError(f"min-train-clients = {self.min_train_clients} cannot be combined with user-level DP: "
+                              "skipping a round would depend on how many clients replied, which the guarantee does "
+                              "not cover (every round is released, its noise needs no minimum); set "
+                              "min-train-clients = 1")
+        if self.user_population and self.user_population < self.clients_per_round:
+            raise ConfigError(f"user-population = {self.user_population} is below clients-per-round = "
+                              f"{self.clients_per_round}: give the number of clients in the federation")
 
     @property
     def client_rank_list(self) -> tuple[int, ...]:
@@ -143,6 +199,30 @@ class RunConfig:
                 f"e.g. \"4,4,8,8,16,16\" (one per client, cycled), or \"\" for all clients at rank"
             )
         return ranks
+
+    def _validate_base(self) -> None:
+        """Settings of one base that another base would silently ignore, and what a run cannot do yet."""
+        if self.lq_fisher == "private":
+            raise ConfigError("lq-fisher = 'private' is refused: a Fisher computed on the clients' private data "
+                              "spends privacy budget that no ledger accounts for; use lq-fisher = 'none'")
+        if self.lq_fisher == "public":
+            raise ConfigError("lq-fisher = 'public' is not implemented in runs yet: LQ-LoRA runs its data-free "
+                              "decomposition (lq-fisher = 'none'); the Fisher-weighted step exists as "
+                              "common.bases.lq_lora.lq_decompose(weights=...) for public calibration data")
+        if self.lq_bits and self.base != "lq_lora":
+            raise ConfigError(f"lq-bits = {self.lq_bits:g} is LQ-LoRA's bit budget but base = {self.base!r}: "
+                              "set base = 'lq_lora' or lq-bits = 0")
+        if self.base in ("lq_lora", "loram", "qloram") and self.client_ranks:
+            raise ConfigError(f"client-ranks cannot be combined with base = {self.base!r}: every client must "
+                              "train the same adapter shapes on the one base the server built (LQ-LoRA's Q "
+                              "depends on the rank); use client-ranks = \"\"")
+        if self.base_init == "eora" and self.base != "nf4":
+            why = {"fp32": "has no compression error to compensate",
+                   "lq_lora": "already starts from its own compensation L1 L2",
+                   "loram": "is pruned, not quantized: no per-layer error of the same shape to compensate",
+                   "qloram": "merges the recovered adapter into the full-precision W0, which has no NF4 error "
+                             "for EoRA's compensation to undo"}[self.base]
+            raise ConfigError(f"base-init = 'eora' needs base = 'nf4': base = {self.base!r} {why}")
 
 
 def _positive(v) -> bool:
@@ -174,10 +254,22 @@ _RULES = [
     ("nola_bases", _positive, "NOLA needs at least one random basis per factor"),
     ("salt_lora_rank", _positive, "the rank of SALT's LoRA on the remaining subspace must be an integer >= 1"),
     ("block_lora_blocks", _positive, "Block-LoRA splits the input into at least one block"),
+    ("sltrain_density", lambda v: 0.0 < v <= 1.0, "SLTrain's sparse support is a fraction of W in (0, 1], e.g. 0.03"),
+    ("smora_top_k", _positive, "SMoRA activates at least one rank (expert) per token; at most rank"),
+    ("diffora_keep", lambda v: 0.0 < v <= 1.0, "DiffoRA keeps a fraction in (0, 1] of the candidate modules"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
     ("base", lambda v: v in BASES,
-     f"choose fp32 (full precision) or nf4 (QLoRA's 4-bit NormalFloat base); {', '.join(PLANNED_BASES)} are "
-     f"not selectable in a run yet"),
+     "choose fp32 (full precision), nf4 (QLoRA's 4-bit NormalFloat), lq_lora (LQ-LoRA: Q + L1 L2), loram "
+     "(LoRAM: structurally pruned) or qloram (pruned and NF4)"),
+    ("base_init", lambda v: v in BASE_INITS,
+     "choose none (the adapter's own init) or eora (EoRA compensation of the NF4 error, base = nf4)"),
+    ("lq_bits", lambda v: v == 0 or (LQ_MIN_BITS <= v and math.isfinite(v)),
+     f"give LQ-LoRA's average bits/param budget for the quantized part, at least {LQ_MIN_BITS:.4f} (every "
+     f"matrix at 2 bits), e.g. 3.0 or 4.127; or 0 for NF4 everywhere (4.127 bits/param, no ILP)"),
+    ("lq_iters", lambda v: 1 <= v <= 100, "LQ-LoRA's alternating decomposition needs 1..100 iterations"),
+    ("lq_fisher", lambda v: v in LQ_FISHER, f"choose one of {', '.join(LQ_FISHER)}"),
+    ("prune_ratio", _fraction,
+     "give the fraction of MLP channels and attention heads LoRAM removes, strictly between 0 and 1 (e.g. 0.5)"),
     ("public_examples", _positive, "the server's public split needs at least one example"),
     ("target_epsilon", lambda v: v > 0, "must be > 0 (use inf for a non-private run)"),
     ("delta", _fraction, "must be in (0, 1), typically 1e-5 or below 1/(number of examples)"),
@@ -190,6 +282,23 @@ _RULES = [
     ("global_test_fraction", _fraction, "must be in (0, 1)"),
     ("local_test_fraction", _fraction, "must be in (0, 1)"),
     ("planned_participation", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("user_clip_norm", lambda v: v >= 0 and math.isfinite(v),
+     "must be >= 0: the L2 bound C_u on each client's whole update under user-level DP (0 = off)"),
+    ("user_noise_multiplier", lambda v: v >= 0 and math.isfinite(v),
+     "must be >= 0 (0 = calibrate to user-target-epsilon)"),
+    ("user_target_epsilon", lambda v: v > 0, "must be > 0 (inf = no target; then give user-noise-multiplier)"),
+    ("user_delta", _fraction, "must be in (0, 1) and below 1/(number of clients)"),
+    ("user_population", lambda v: v >= 0,
+     "must be >= 0: clients in the federation (0 = the nodes connected when round 1 starts)"),
+    ("audit_canaries", lambda v: v >= 0, "must be >= 0 (0 = no privacy audit)"),
+    ("audit_client", lambda v: v >= 0, "must be the partition id of the audited client (>= 0)"),
+    ("unlearn_epsilon", lambda v: v >= 0 and math.isfinite(v),
+     "must be >= 0: the epsilon a leaving client may spend on LoKU beyond target-epsilon"),
+    ("loku_steps", _positive, "LoKU needs at least one DP-SGD step on the data to forget"),
+    ("loku_lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
+    ("personal_steps", lambda v: v >= 0, "must be >= 0 (0 = no local fine-tuning after the run)"),
+    ("personal_factors", lambda v: v in PERSONAL_FACTORS,
+     "choose \"\" (every factor is shared) or \"lora_B\" (FedSA-LoRA: B stays on the client, strategy fedsa_lora)"),
     ("dataset", bool, "give \"wordnet\" or a path to a .csv/.jsonl file"),
 ]
 
@@ -205,6 +314,10 @@ def _coerce(key: str, value: Any, type_name: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if type_name == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         if type_name == "str":
             if not isinstance(value, str):
                 raise ValueError

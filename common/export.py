@@ -18,6 +18,8 @@ from common.adapters.base import AdapterLayer
 from common.adapters.inject import replace_module
 from common.adapters.rank_resize import fit_ranks
 from common.adapters.registry import ADAPTERS, get_adapter
+from common.bases.registry import serves_compressed
+from common.bases.replace import dequantize_frozen_base
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.model import AdaptedModel, build_model, resolve_model_path
@@ -28,10 +30,24 @@ from common.ranks import config_for_rank, stored_rank
 def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str]) -> AdaptedModel:
     """The run's model with the global adapter and head loaded, labels named, in eval mode.
 
-    Always on the full-precision base: a run trained on a compressed base (`base = "nf4"`) is exported
-    as the full-size model with the trained adapter folded into the original weights.
+    Always full size and without quantized layers (common/bases/registry.py, "what the server serves"):
+    on W0 for "fp32" / "nf4"; on deq(Q) for "lq_lora" and EoRA-initialised runs (their adapter started as
+    a compensation of Q's error); for "loram" / "qloram" on the full unpruned W0 with the adapter recovered
+    from the pruned space (zeros at pruned positions).
     """
-    adapted = build_model(dataclasses.replace(config, base="fp32"), num_labels=len(labels))
+    full = dataclasses.replace(config, base="fp32", base_init="none", lq_bits=0.0)
+    if config.base in ("loram", "qloram"):
+        from common.bases.pruning import recover_arrays
+
+        maps = build_model(config, num_labels=len(labels)).index_maps
+        adapted = build_model(full, num_labels=len(labels))
+        shapes = {key: tuple(value.shape) for key, value in adapted.model.state_dict().items()}
+        arrays = recover_arrays(arrays, maps, shapes)
+    elif serves_compressed(config):
+        adapted = build_model(config, num_labels=len(labels))
+        dequantize_frozen_base(adapted.model)
+    else:
+        adapted = build_model(full, num_labels=len(labels))
     fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays)
     adapted.model.config.id2label = dict(enumerate(labels))
@@ -41,7 +57,13 @@ def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[
 
 
 def merge_into_base(model: nn.Module) -> nn.Module:
-    """Replace every adapter layer by its base `nn.Linear` with ΔW merged in (in place)."""
+    """Replace every adapter layer by its base `nn.Linear` with ΔW merged in (in place).
+
+    A layer that cannot merge (`mergeable = False`) raises its ConfigError before anything is changed.
+    """
+    for module in model.modules():
+        if isinstance(module, AdapterLayer) and not module.mergeable:
+            module.merge()
     for name, module in list(model.named_modules()):
         if isinstance(module, AdapterLayer):
             module.merge()

@@ -41,7 +41,7 @@ def model_intruders(model, top_k: int = TOP_K, epsilon: float = EPSILON) -> dict
     counts = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, AdapterLayer):
+            if isinstance(module, AdapterLayer) and module.mergeable:  # an input-dependent update has no W_ft
                 w0 = module.base.weight.detach().double().cpu().numpy()
                 if module.merged:
                     w0 = w0 - module.delta_weight().double().cpu().numpy()

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from common.adapters import inject_adapters
-from common.bases.registry import apply_base
+from common.bases.checksum import base_bytes, base_checksum
+from common.bases.registry import apply_base, check_base, prune_base
 from common.config import RunConfig
 from common.errors import ConfigError
 
@@ -28,6 +29,9 @@ class AdaptedModel:
     tokenizer: object
     adapted_modules: list[str]
     head_parameters: list[str]
+    base_sha256: str = ""  # checksum of the frozen base (common/bases/checksum.py); replies carry it
+    base_bytes: int = 0  # bytes of the frozen base a client holds
+    index_maps: dict | None = None  # LoRAM: kept rows / columns of every pruned linear (None: not pruned)
 
     @property
     def trainable(self) -> list[str]:
@@ -80,7 +84,10 @@ def _template(model: str, num_labels: int, config: RunConfig) -> AdaptedModel:
     for name, parameter in network.named_parameters():
         if name in head:
             parameter.requires_grad_(True)
+    check_base(config)
+    network, index_maps = prune_base(config, network)  # LoRAM: the adapters get the pruned shapes
     adapted = inject_adapters(network, config)
-    apply_base(config.base, network)  # after injection: an adapter's own base layer is quantized too
+    apply_base(config, network)  # after injection: an adapter's own base layer is quantized too
     network.train()  # Opacus records activations only in train mode
-    return AdaptedModel(model=network, tokenizer=tokenizer, adapted_modules=adapted, head_parameters=head)
+    return AdaptedModel(model=network, tokenizer=tokenizer, adapted_modules=adapted, head_parameters=head,
+                        base_sha256=base_checksum(network), base_bytes=base_bytes(network), index_maps=index_maps)

@@ -5,7 +5,8 @@
 Writes DIR (default RUN_DIR/merged) with the adapter merged into the base weights: a plain
 `transformers` model plus tokenizer, loadable with `AutoModelForSequenceClassification.from_pretrained`.
 With `--peft` it also writes RUN_DIR/peft, a PEFT adapter for `PeftModel.from_pretrained`
-(adapters lora, dora, randlora, bone, bat: those PEFT has).
+(adapters lora, dora, randlora, bone, bat: those PEFT has). SMoRA has no single ΔW to merge (its router
+gates each token): its export stops with a one-line error.
 """
 
 from __future__ import annotations

@@ -33,12 +33,14 @@ METRICS_JSON = "metrics.json"
 
 def build_report(ledgers: dict[str, dict], *, delta: float, accountant: str, target_epsilon: float,
                  run: dict, faults: list[dict] | None = None,
-                 trained_rounds: dict[str, Iterable[int]] | None = None) -> dict:
+                 trained_rounds: dict[str, Iterable[int]] | None = None, user_level: dict | None = None) -> dict:
     """The `privacy.json` document for the ledgers the clients reported and the faults the server saw
     (rows of `LoRAStrategy.faults`: round, node, client, kind, reason, action).
 
     `trained_rounds` (optional): the rounds the server saw each client train, kept in its entry so that
     `check_ledgers_cover` can be re-run from `privacy.json` alone; FedloraError if a ledger lacks one.
+    `user_level` (optional): the server's user-level account (common/privacy/user_level.py, `to_dict()`);
+    the report then states both guarantees, the user-level epsilon recomputed from its released rounds.
     """
     clients = []
     for client_id in sorted(ledgers, key=_client_order):
@@ -51,6 +53,8 @@ def build_report(ledgers: dict[str, dict], *, delta: float, accountant: str, tar
         })
     report = {"delta": delta, "accountant": accountant, "level": "sample", "clients": clients, "run": run,
               "faults": list(faults or [])}
+    if user_level is not None:
+        report["user_level"] = with_user_epsilon(user_level)
     if trained_rounds is not None:
         check_ledgers_cover(report, trained_rounds)
         for client in clients:
@@ -130,9 +134,21 @@ def describe_fault(fault: dict) -> str:
     return f"round {fault['round']}{who}: {fault['kind']}: {fault['reason']} -> {fault['action']}"
 
 
+def with_user_epsilon(user_level: dict) -> dict:
+    """A copy of the user-level entry whose epsilon is recomputed from its released rounds (one accountant
+    step per round: noise multiplier, client sampling rate q)."""
+    out = json.loads(json.dumps(user_level))
+    history = [PrivacyStep.from_dict(row) for row in out["history"]]
+    out["epsilon"] = _json_number(epsilon_of(history, out["delta"], out["accountant"]))
+    out["rounds_released"] = len(history)
+    return out
+
+
 def recompute(report: dict) -> dict:
     """A copy of `report` whose epsilons are recomputed from the histories."""
     out = json.loads(json.dumps(report))
+    if out.get("user_level"):
+        out["user_level"] = with_user_epsilon(out["user_level"])
     for client in out["clients"]:
         history = [PrivacyStep.from_dict(row) for row in client["history"]]
         client["epsilon"] = _json_number(epsilon_of(history, out["delta"], out["accountant"])) if history else None
@@ -199,6 +215,7 @@ def render_markdown(report: dict, summaries: list[ClientSummary] | None = None,
         f"dataset `{run.get('dataset')}`",
         "",
     ]
+    lines += user_level_lines(report.get("user_level"))
     summaries = client_summaries(report) if summaries is None else summaries
     audited = any(c.audit for c in summaries)
     lines += ["| client | DP rounds | DP steps | target epsilon | epsilon spent | budget remaining | "
@@ -237,6 +254,28 @@ def render_markdown(report: dict, summaries: list[ClientSummary] | None = None,
     return "\n".join(lines)
 
 
+def user_level_lines(user: dict | None) -> list[str]:
+    """The Markdown lines of the user-level guarantee (none without user-level DP)."""
+    if not user:
+        return []
+    eps = "unbounded" if user["epsilon"] is None else f"{user['epsilon']:.3f}"
+    target = "none" if user["target_epsilon"] is None else f"{user['target_epsilon']:g}"
+    return [
+        "## User-level guarantee (the server)",
+        "",
+        f"- **User-level epsilon {eps}** at delta = {user['delta']:g} (target {target}): protects each client's "
+        "whole contribution (all of its data) in the sequence of global adapters.",
+        f"- Mechanism: each of {user['population']} clients sampled with probability q = "
+        f"{user['sample_rate']:.4g} per round (Poisson), each update clipped to C_u = {user['clip_norm']:g}, "
+        f"Gaussian noise σ_u = {user['noise_multiplier']:.4g} (std σ_u·C_u) on the sum, divided by "
+        f"{user['denominator']}; {user['rounds_released']} rounds released, accountant `{user['accountant']}`.",
+        "- Not covered: the per-round client statistics in metrics.json (losses, counts, bytes).",
+        "",
+        "## Sample-level guarantee (each client)",
+        "",
+    ]
+
+
 def check_report_shape(report: dict) -> None:
     """ValueError (or KeyError) unless the fields the renderers read have the documented types; the
     histories are checked by `recompute`."""
@@ -251,6 +290,12 @@ def check_report_shape(report: dict) -> None:
         if client.get("audit"):
             for field in ("canaries", "guesses", "correct", "epsilon_lower_bound", "confidence"):
                 _number(client["audit"][field], f"client {client['id']}: audit {field}")
+    user = report.get("user_level")
+    if user:
+        for field in ("clip_norm", "noise_multiplier", "sample_rate", "population", "denominator", "delta"):
+            _number(user[field], f"user_level {field}")
+        if not isinstance(user.get("history"), list):
+            raise ValueError("user_level history must be a list")
     faults = report.get("faults")
     if faults is not None and not all(isinstance(f, dict) and {"round", "kind", "reason", "action"} <= set(f)
                                       for f in faults):
@@ -302,6 +347,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"warning: client {before['id']}: recorded epsilon {before['epsilon']} != recomputed "
                   f"{after['epsilon']}; the report now shows the recomputed value")
     markdown = write_report(args.run_dir, checked)
+    if checked.get("user_level"):
+        user = checked["user_level"]
+        before = (report.get("user_level") or {}).get("epsilon")
+        if before is not None and user["epsilon"] is not None and not math.isclose(before, user["epsilon"],
+                                                                                    rel_tol=1e-6):
+            print(f"warning: user-level: recorded epsilon {before} != recomputed {user['epsilon']}; the report now "
+                  "shows the recomputed value")
+        print(f"user level: epsilon {user['epsilon']} (delta {user['delta']:g}, {user['rounds_released']} rounds)")
     for client in checked["clients"]:
         eps = "not private" if client["epsilon"] is None else f"{client['epsilon']:.3f}"
         print(f"client {client['id']}: epsilon {eps} (target {client['target_epsilon']}, delta {checked['delta']:g})")

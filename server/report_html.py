@@ -50,7 +50,8 @@ def render_html(report: dict, summaries: list, plots: list, json_name: str = "pr
         _fact("Delta", f'<span id="delta">{_e(_g(report["delta"]))}</span>'),
         *(_fact(label, _e(run[key])) for key, label in RUN_FIELDS if key in run),
         "</table>",
-        f"<h2>Clients ({len(summaries)})</h2>",
+        *_user_level_section(report.get("user_level")),
+        f"<h2>Clients ({len(summaries)}){': sample-level guarantee' if report.get('user_level') else ''}</h2>",
         _clients_table(summaries, audited),
         *_faults_section(report.get("faults")),
         "<h2>Plots</h2>",
@@ -72,6 +73,10 @@ RUN_FIELDS = (("strategy", "Strategy"), ("rounds", "Rounds"), ("model", "Model")
 
 
 def _level_sentence(report: dict) -> str:
+    if report.get("user_level"):
+        return ("<strong>Two guarantees.</strong> User-level differential privacy at the server (each client's "
+                "update clipped, Gaussian noise on the sum, clients Poisson-sampled) protects everything a client "
+                "contributes; sample-level DP-SGD on each client protects its individual records.")
     if not any(client["history"] for client in report["clients"]):
         return ("<strong>No differential privacy:</strong> no client recorded a private round (no noise, no "
                 "target epsilon), so this run makes no privacy guarantee.")
@@ -80,6 +85,28 @@ def _level_sentence(report: dict) -> str:
                 "sampling, per-sample clipping, Gaussian noise) protects every training record of that client; "
                 "the server only post-processes the clients' DP outputs.")
     return f"<strong>{_e(report['level'])}-level</strong> differential privacy."
+
+
+def _user_level_section(user: dict | None) -> list[str]:
+    if not user:
+        return []
+    eps = "unbounded" if user["epsilon"] is None else f"{user['epsilon']:.3f}"
+    target = "none" if user["target_epsilon"] is None else _g(user["target_epsilon"])
+    return [
+        "<h2>User-level guarantee (server)</h2>",
+        f'<p>User-level ε = <strong id="user-epsilon">{_e(eps)}</strong> at δ = {_e(_g(user["delta"]))} '
+        f"(target {_e(target)}) protects each client's whole contribution in the global adapters.</p>",
+        '<table class="facts">',
+        _fact("Population", _e(user["population"])),
+        _fact("Client sampling q", _e(f"{user['sample_rate']:.4g}") + " (Poisson, per round)"),
+        _fact("Clip norm C_u", _e(_g(user["clip_norm"]))),
+        _fact("Noise multiplier σ_u", _e(f"{user['noise_multiplier']:.4g}") + " (std σ_u·C_u on the sum)"),
+        _fact("Denominator", _e(user["denominator"]) + " (fixed: uniform weights, independent of who replied)"),
+        _fact("Rounds released", _e(user["rounds_released"])),
+        "</table>",
+        '<p class="muted">Not covered by the user-level guarantee: the per-round client statistics in '
+        "metrics.json (losses, counts, bytes).</p>",
+    ]
 
 
 def _clients_table(summaries: list, audited: bool) -> str:

@@ -61,6 +61,13 @@ def plot_epsilon(report: dict, plt):
     for client, rounds, curve in _curves(report):
         ax.plot(rounds, curve, marker="o", label=_label(client))
         top, drawn = max([top, *(eps for eps in curve if eps < float("inf"))]), drawn + 1
+    user = report.get("user_level")
+    if user and user["history"]:
+        history = [PrivacyStep.from_dict(row) for row in user["history"]]
+        curve = epsilon_curve(history, user["delta"], user["accountant"])
+        ax.plot([row.round for row in history], curve, marker="s", color="black", linestyle="-.",
+                label=f"user level (delta={user['delta']:g})")
+        top, drawn = max([top, *(eps for eps in curve if eps < float("inf"))]), drawn + 1
     for target in sorted({c["target_epsilon"] for c in report["clients"] if c["target_epsilon"] is not None}):
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
         top = max(top, target)

@@ -23,8 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.numpy import save_file
 
 from common.adapters.rank_resize import fit_ranks
+from common.bases.registry import check_base, check_base_strategy
 from common.config import RunConfig
 from common.data.partition import global_test_set
+from common.diffora_selection import require_selection
 from common.errors import FedloraError
 from common.evaluation import evaluate
 from common.logs import get_logger
@@ -32,10 +34,13 @@ from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.adapter_init import initial_frozen_factors
+from server.bases import full_model, prepare_base, recovered
 from server.aggregation import lora_layer_keys
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.report import build_report, describe_fault, write_report
 from server.strategies import check_compatible, get_strategy
+from server.contributions import with_stored_contributions
+from server.strategies.user_dp import with_user_level_dp
 
 app = ServerApp()
 log = get_logger("server")
@@ -54,6 +59,8 @@ class GlobalEvaluator:
         test = global_test_set(config)
         self.label_names = list(test.label_names)
         self.adapted = build_model(config, num_labels=len(test.label_names))
+        # LoRAM / QLoRAM: the clients train on the pruned base, the served model is the full one
+        self.full = full_model(config, num_labels=len(test.label_names))
         self.data = encode(self.adapted.tokenizer, test, config.max_seq_len)
         self.batch_size = config.eval_batch_size
         self.device = pick_device()
@@ -66,9 +73,16 @@ class GlobalEvaluator:
         fit_ranks(self.adapted.model, state)  # FLoRA's stacked global changes rank every round
         load_state(self.adapted.model, state)
         loss, accuracy = evaluate(self.adapted.model, self.data, self.batch_size, self.device)
+        extra = {}
+        if self.full is not None:  # the pruned model's figures are kept; the run's are the recovered full model's
+            extra = {"pruned-accuracy": accuracy, "pruned-loss": loss}
+            full_state = recovered(state, self.adapted, self.full)
+            fit_ranks(self.full.model, full_state)
+            load_state(self.full.model, full_state)
+            loss, accuracy = evaluate(self.full.model, self.data, self.batch_size, self.device)
         log.info("round %d: global test accuracy %.4f, loss %.4f (%d examples)", server_round, accuracy, loss,
                  len(self.data))
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return MetricRecord({"accuracy": accuracy, "loss": loss, **extra})
 
 
 @app.main()
@@ -85,6 +99,13 @@ def run(grid: Grid, context: Context) -> Path:
     config = RunConfig.from_flower(context.run_config)
     strategy_class = get_strategy(config.strategy)
     check_compatible(config.strategy, config.adapter, config.client_rank_list)
+    require_selection(config)  # DiffoRA: the kept modules are chosen before the run
+    check_base(config)
+    check_base_strategy(config, strategy_class)
+    if config.user_level:
+        strategy_class = with_user_level_dp(strategy_class)
+    if config.store_contributions:  # exact unlearning later (server/unlearn.py); refused for non-linear merges
+        strategy_class = with_stored_contributions(strategy_class)
     run_dir = resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(run_dir, config.to_flower())  # before anything in run_dir is rewritten
@@ -94,6 +115,7 @@ def run(grid: Grid, context: Context) -> Path:
     evaluator = GlobalEvaluator(config)
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
     strategy = strategy_class.from_config(config, str(run_dir))
+    base = prepare_base(config, evaluator.adapted, strategy, fresh=checkpoint is None)
     initial, resume = starting_point(config, evaluator, grid, strategy, checkpoint)
     result = strategy.start(
         grid=grid, initial_arrays=to_record(initial), num_rounds=config.num_rounds, evaluate_fn=evaluator,
@@ -107,19 +129,24 @@ def run(grid: Grid, context: Context) -> Path:
         save_client_adapters(run_dir / "clients", strategy.client_adapters)
     rounds = _round_table(result, config.num_rounds, strategy.refusals)
     (run_dir / "metrics.json").write_text(json.dumps(
-        {"strategy": config.strategy, "rounds": rounds, "faults": strategy.faults,
-         "wall_seconds": time.time() - started}, indent=2))
+        {"strategy": config.strategy, "base": base, "rounds": rounds, "faults": strategy.faults,
+         "wall_seconds": time.time() - started,
+         **({"contributions": strategy.contribution_summary()} if config.store_contributions else {})}, indent=2))
     report = build_report(
         strategy.ledgers, delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
         run={"strategy": config.strategy, "rounds": config.num_rounds, "model": resolve_model_path(config.model),
              "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank},
         faults=strategy.faults, trained_rounds=strategy.trained_rounds,
+        user_level=None if getattr(strategy, "account", None) is None else strategy.account.to_dict(),
     )
     markdown = write_report(run_dir, report)
     for row in rounds:
         log.info("round %d: global accuracy %.4f", row["round"], row["global-accuracy"])
     for client in report["clients"]:
         log.info("client %s: epsilon %s", client["id"], client["epsilon"])
+    if "user_level" in report:
+        log.info("user level: epsilon %s at delta %g over %d released rounds", report["user_level"]["epsilon"],
+                 report["user_level"]["delta"], report["user_level"]["rounds_released"])
     log.info("faults: %d", len(strategy.faults))
     for fault in strategy.faults:
         log.warning("fault: %s", describe_fault(fault))
@@ -177,6 +204,7 @@ def _round_table(result, num_rounds: int, refusals: dict[int, list[str]]) -> lis
         server = result.evaluate_metrics_serverapp.get(rnd)
         if server is not None:
             row["global-accuracy"], row["global-loss"] = server["accuracy"], server["loss"]
+            row.update({f"global-{key}": value for key, value in server.items() if key not in ("accuracy", "loss")})
         for prefix, record in (("train", result.train_metrics_clientapp.get(rnd)),
                                ("client-eval", result.evaluate_metrics_clientapp.get(rnd))):
             for key, value in (dict(record) if record is not None else {}).items():

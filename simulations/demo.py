@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.data.partition import client_data, global_test_set
+from common.diffora_selection import resolve_diffora_modules
 from common.errors import ConfigError, exit_on_user_error
 from common.model import resolve_model_path
 from common.privacy.plan import check_privacy_plan
@@ -53,6 +54,13 @@ def validate(config: RunConfig, num_clients: int) -> None:
     global_test_set(config)
     for partition_id in range(num_clients):
         check_privacy_plan(config, len(client_data(config, partition_id, num_clients).train))
+    if config.user_level:
+        from common.privacy.user_level import plan_user_account
+        from server.strategies import get_strategy
+        from server.strategies.user_dp import with_user_level_dp
+
+        with_user_level_dp(get_strategy(config.strategy))
+        plan_user_account(config, num_clients)
 
 
 def summarize(run_dir: Path) -> str:
@@ -68,6 +76,11 @@ def summarize(run_dir: Path) -> str:
         eps = "not private" if client["epsilon"] is None else f"{client['epsilon']:.3f}"
         lines.append(f"  client {client['id']}: epsilon {eps} of target {client['target_epsilon']}, "
                      f"{len(client['history'])} rounds")
+    user = privacy.get("user_level")
+    if user:
+        eps = "unbounded" if user["epsilon"] is None else f"{user['epsilon']:.3f}"
+        lines.append(f"  user level (server): epsilon {eps} at delta {user['delta']:g}, {user['rounds_released']} "
+                     f"rounds at client sampling q = {user['sample_rate']:.3g}, noise {user['noise_multiplier']:.3g}")
     lines.append(f"  privacy report: {run_dir / 'privacy.html'} "
                  "(also privacy.md, privacy.json and the privacy_*.png plots)")
     lines.append(f"  export the model: python -m server.export {run_dir} [--peft]")
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig.from_flower(merged)
     print(f"fedlora: checking settings and data for {args.num_clients} clients ...", flush=True)
     validate(config, args.num_clients)
+    # DiffoRA with diffora-modules = "": its selection on the public split, before round 1, for every party
+    config, overrides = resolve_diffora_modules(config, overrides)
 
     started = time.time()
     run_dir = Path(config.run_dir).expanduser().resolve()

@@ -101,6 +101,7 @@ def flower_cell(delta_setting, timeout: float) -> RunCell:
     """The real cell runner: a `flwr run` simulation on a SuperLink of its own, output to the cell's log."""
 
     def run(cell: Cell, defaults: dict, runs_dir: Path) -> dict:
+        from common.diffora_selection import resolve_diffora_modules
         from simulations.flower_sim import flwr_run, gpu_share, simulation_superlink
 
         run_dir = (runs_dir / cell.id).resolve()
@@ -108,6 +109,7 @@ def flower_cell(delta_setting, timeout: float) -> RunCell:
         overrides = {**cell.overrides, "run-dir": str(run_dir)}
         config = RunConfig.from_flower({**defaults, **overrides})
         overrides["delta"] = cell_delta(config, cell, delta_setting)
+        config, overrides = resolve_diffora_modules(config, overrides)  # DiffoRA: its selection, before round 1
         log_path = run_dir / "flwr.log"
         with PeakMemory() as memory, log_path.open("w") as log_file, simulation_superlink() as env:
             code = flwr_run(env, overrides, num_supernodes=cell.num_clients,

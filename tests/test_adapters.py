@@ -64,6 +64,13 @@ def test_merge_matches_the_branch_and_unmerge_restores_the_base_weight(name):
     x = inputs()
     unmerged = layer(x)
     assert (unmerged - layer.base(x)).abs().max() > 1e-3, "the randomized adapter must change the output"
+    if not layer.mergeable:  # an input-dependent update: merging must refuse, with the reason, and change nothing
+        for fold in (layer.merge, layer.delta_weight):
+            with pytest.raises(ConfigError, match=f"adapter '{name}' cannot be merged into the base weights: "):
+                fold()
+        assert not layer.merged and torch.equal(layer.base.weight, w0)
+        torch.testing.assert_close(layer(x), unmerged, atol=0, rtol=0)
+        return
     layer.merge()
     torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.base.weight - w0, layer.delta_weight(), atol=1e-6, rtol=1e-5)
@@ -144,8 +151,10 @@ def test_averaging_is_exact_exactly_when_declared(name):
         clients.append(layer)
     averaged_layer, _ = adapter_layer(name)
     load_state(averaged_layer, weighted_mean([trainable_state(c) for c in clients], weights))
-    mean_delta = sum(w * c.delta_weight() for c, w in zip(clients, weights)) / sum(weights)
-    gap = float((averaged_layer.delta_weight() - mean_delta).abs().max())
+    x = inputs()  # an adapter without a single ΔW is compared by its effect on inputs, ΔW x
+    effect = (lambda layer: layer.delta_weight()) if averaged_layer.mergeable else (lambda layer: layer.branch(x))
+    mean_delta = sum(w * effect(c) for c, w in zip(clients, weights)) / sum(weights)
+    gap = float((effect(averaged_layer) - mean_delta).abs().max())
     if kind.exact_averaging:
         assert gap < 1e-5
     else:
@@ -185,14 +194,16 @@ def test_salt_lora_rank_of_zero_is_a_config_error():
 def test_every_adapter_has_a_strategy_and_incompatible_pairs_are_refused(name):
     kind = get_adapter(name)
     usable = [s for s, cls in STRATEGIES.items() if set(cls.required_factors) <= set(kind.trainable_factors)
-              and (not cls.adapters or name in cls.adapters)]
+              and (not cls.adapters or name in cls.adapters)
+              and not (cls.reorders_ranks and kind.rank_identity_matters)]
     assert usable, f"no strategy can aggregate {name}"
     for strategy in STRATEGIES:
         if strategy in usable:
             check_compatible(strategy, name)
         else:
             with pytest.raises(ConfigError, match=f"strategy '{strategy}' (needs an adapter with lora_A and lora_B"
-                                                  f"|merges adapter\\(s\\) lora only, not '{name}')"):
+                                                  f"|merges adapter\\(s\\) lora only, not '{name}'"
+                                                  f"|re-factors B A into new ranks each round)"):
                 check_compatible(strategy, name)
 
 

@@ -51,3 +51,18 @@ def test_a_dp_round_on_the_nf4_base_and_its_export_on_the_fp32_base(configs, tmp
         expected = reference(**tokens).logits
         merged = merge_into_base(exported.model)(**tokens).logits
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow  # ~20 s of CPU: the LQ decomposition of MiniLM plus a DP round
+def test_a_dp_round_on_the_lq_lora_base_starts_at_l1_l2_and_reports_its_base(configs, tmp_path):
+    """LQ-LoRA: the adapter starts non-zero (s B A = L1 L2), trains under DP-SGD on Q, and the reply's base
+    checksum is the one every party computes from the same run config."""
+    fp32, _ = configs
+    lq = dataclasses.replace(fp32, base="lq_lora", lq_iters=1, strategy="fedsvd")
+    adapted = build_model(lq, num_labels=3)
+    start = trainable_state(adapted.model)
+    assert all(np.abs(start[k]).max() > 0 for k in start if ".lora_B." in k)
+    outcome = train_round(lq, ClientIdentity("0", 0, 2, tmp_path), start, ("lora_A",), server_round=1)
+    assert not outcome.refused and outcome.metrics["steps"] == 2
+    assert set(outcome.arrays) == {k for k in start if ".lora_A." not in k}
+    assert outcome.extra["base-sha256"] == adapted.base_sha256 != build_model(fp32, num_labels=3).base_sha256

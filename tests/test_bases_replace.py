@@ -88,7 +88,8 @@ def test_base_run_config_key():
 
     assert RunConfig().base == "fp32"
     assert RunConfig.from_flower({"base": "nf4"}).base == "nf4"
-    for name in ("int4", "qloram"):  # qloram: its pieces exist (common/bases/) but a run cannot select it yet
-        with pytest.raises(ConfigError, match=f"base = '{name}' is invalid: choose fp32 .* or nf4 .*; lq_lora, "
-                                              "loram, qloram are not selectable in a run yet"):
-            RunConfig.from_flower({"base": name})
+    for name in ("lq_lora", "loram", "qloram"):
+        assert RunConfig.from_flower({"base": name}).base == name
+    with pytest.raises(ConfigError, match="base = 'int4' is invalid: choose fp32 .*, nf4 .*, lq_lora .*, loram "
+                                          ".* or qloram .*"):
+        RunConfig.from_flower({"base": "int4"})

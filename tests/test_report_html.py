@@ -28,6 +28,9 @@ FAULTS = [
      "reason": "1 valid replies, min-train-clients = 2", "action": "round skipped; global adapter unchanged"},
 ]
 AUDIT = {"canaries": 1000, "guesses": 200, "correct": 130, "epsilon_lower_bound": 0.41, "confidence": 0.95}
+USER_LEVEL = {"clip_norm": 0.5, "noise_multiplier": 0.9, "sample_rate": 0.25, "population": 8, "denominator": 2,
+              "delta": 1e-3, "target_epsilon": 4.0, "accountant": "rdp",
+              "history": [{"round": r, "noise_multiplier": 0.9, "sample_rate": 0.25, "steps": 1} for r in (1, 2, 3)]}
 ALL_FILES = {REPORT_JSON, REPORT_MD, REPORT_HTML, EPSILON_PNG, BUDGET_PNG, NOISE_PNG, AUDIT_PNG}
 
 
@@ -145,6 +148,12 @@ def test_headless_chromium_renders_the_page(written, tmp_path):
     for client_id in ("0", "1", "3"):
         assert f"<td>{client_id}</td>" in dom
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and '<span id="delta">1e-05</span>' in dom
+    both = make_report(user_level=USER_LEVEL)  # both guarantees on one page
+    write_report(tmp_path / "both", both)
+    dom = subprocess.run([*common, "--dump-dom", (tmp_path / "both" / REPORT_HTML).as_uri()], capture_output=True,
+                         text=True, timeout=60).stdout
+    assert f'<strong id="user-epsilon">{both["user_level"]["epsilon"]:.3f}</strong>' in dom
+    assert "Two guarantees" in dom and all(f">{eps}<" in dom for eps in key_numbers(both))
 
 
 def test_a_ledger_missing_trained_rounds_names_the_client_rounds_and_count():

@@ -21,6 +21,10 @@ class ScaledByAlphaOverRank:
 
 
 class AdapterLayer(nn.Module):
+    # False where the update depends on the input (SMoRA's per-token router): there is no single ΔW, so
+    # `merge` and `delta_weight` raise a ConfigError, export refuses, and weight diagnostics skip the layer
+    mergeable = True
+
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base

@@ -26,6 +26,13 @@ def inject_adapters(model: nn.Module, config: RunConfig) -> list[str]:
         raise ConfigError(
             f"target-modules {config.target_modules!r} match no linear layer; this model has: {', '.join(linear)}"
         )
+    # DiffoRA: every kept module must be one of the candidates (a misspelled one would select nothing)
+    unknown = sorted(set(getattr(adapter_config, "modules", ())) - set(names)) if kind.selects_modules else []
+    if unknown:
+        raise ConfigError(
+            f"diffora-modules names {', '.join(unknown)}, not a target module of this model (target-modules "
+            f"{config.target_modules!r}); give full dotted names from: {', '.join(names)}"
+        )
     for name in names:
         layer = model.get_submodule(name)
         if config.rank > min(layer.in_features, layer.out_features):

@@ -57,6 +57,19 @@ class LoRALinear(AdapterLayer):
         return self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
 
+def seeded_lora_pair(base: nn.Linear, rank: int, seed: int) -> tuple[nn.Linear, nn.Linear]:
+    """(A, B) as LoRA's own, on `base`'s device and dtype: A from the seed, B = 0 (FFA-LoRA rebuilds A)."""
+    a = nn.Linear(base.in_features, rank, bias=False)
+    b = nn.Linear(rank, base.out_features, bias=False)
+    bound = 1.0 / math.sqrt(base.in_features)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        a.weight.copy_(torch.empty(a.weight.shape).uniform_(-bound, bound, generator=generator))
+        b.weight.zero_()
+    return (a.to(device=base.weight.device, dtype=base.weight.dtype),
+            b.to(device=base.weight.device, dtype=base.weight.dtype))
+
+
 def seed_for(seed: int, name: str) -> int:
     """A per-module seed that does not depend on the order modules are visited in."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)

@@ -17,6 +17,7 @@ from common.adapters.base import AdapterLayer
 from common.adapters.bat import BatConfig, BatLinear, bat_peft_config, bat_trainable_count
 from common.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_trainable_count
 from common.adapters.bone import BoneConfig, BoneLinear, bone_peft_config, bone_trainable_count
+from common.adapters.diffora import diffora_config, diffora_linear, diffora_trainable_count
 from common.adapters.dora import DoRALinear, dora_trainable_count
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
 from common.adapters.core_basis import core_trainable_count
@@ -30,7 +31,11 @@ from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
 from common.adapters.randlora import (RandLoRAConfig, RandLoRALinear, fill_peft_bases, randlora_peft_config,
                                       randlora_trainable_count)
 from common.adapters.salt import SALTConfig, SALTLinear, salt_trainable_count
+from common.adapters.sltrain import SLTrainConfig, SLTrainLinear, sltrain_trainable_count
+from common.adapters.smora import SMoRAConfig, SMoRALinear, smora_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
+from common.adapters.transformed_lora import (TransformedLoRAConfig, TransformedLoRALinear,
+                                              transformed_lora_trainable_count)
 from common.adapters.wara import WaRAConfig, WaRALinear, wara_trainable_count
 from common.config import RunConfig
 from common.errors import ConfigError
@@ -57,6 +62,17 @@ class AdapterKind:
     # Opacus grad-sample mode for DP-SGD: "hooks" where every trainable module has a registered sampler,
     # "functorch" for math Opacus cannot hook (slower; none of ours needs it yet)
     grad_sample_mode: str = "hooks"
+    # Each rank is its own unit (SMoRA: one expert per rank, picked by a router): strategies that re-factor
+    # B A by an SVD (`reorders_ranks`, FedSVD) would rotate the ranks under the router, so they refuse it
+    rank_identity_matters: bool = False
+    # The adapter chooses its adapted modules from data before the run (DiffoRA): the server's public
+    # split is carved out of the clients' data for it (`init-data = "public"`)
+    selects_modules: bool = False
+
+    @property
+    def reads_init_data(self) -> bool:
+        """Does something before round 1 read data (`init-data` says whose)?"""
+        return self.gradient_init is not None or self.selects_modules
 
 
 def lora_peft_config(config: RunConfig, heads: list[str], use_dora: bool = False):
@@ -191,6 +207,39 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=tuple(f"wara_{band}_{side}" for band in ("LL", "LH", "HL", "HH") for side in "AB"),
         exact_averaging=False,  # bilinear in each sub-band's (A, B)
         trainable_count=wara_trainable_count,
+    ),
+    "sltrain": AdapterKind(
+        make_config=lambda c: SLTrainConfig(rank=c.rank, alpha=c.alpha, density=c.sltrain_density,
+                                            target_modules=c.target_module_names, seed=c.seed),
+        wrap=SLTrainLinear,
+        trainable_factors=("lora_A", "lora_B", "sltrain_S"),
+        exact_averaging=False,  # S's values average exactly (one seeded support), B A does not
+        trainable_count=sltrain_trainable_count,
+    ),
+    "smora": AdapterKind(
+        make_config=lambda c: SMoRAConfig(rank=c.rank, alpha=c.alpha, top_k=c.smora_top_k,
+                                          target_modules=c.target_module_names, seed=c.seed),
+        wrap=SMoRALinear,
+        trainable_factors=("lora_A", "lora_B", "smora_router"),
+        exact_averaging=False,  # bilinear in (A, B), and the router gates per token
+        trainable_count=smora_trainable_count,
+        rank_identity_matters=True,
+    ),
+    "transformed_lora": AdapterKind(
+        make_config=lambda c: TransformedLoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names,
+                                                    seed=c.seed),
+        wrap=TransformedLoRALinear,
+        trainable_factors=("tlora_T1", "tlora_T2", "lora_A", "lora_B"),
+        exact_averaging=False,  # T = T_1 ⊗ T_2 and B A are both bilinear
+        trainable_count=transformed_lora_trainable_count,
+    ),
+    "diffora": AdapterKind(
+        make_config=diffora_config,
+        wrap=diffora_linear,
+        trainable_factors=("lora_A", "lora_B"),  # on the kept modules; the dropped ones train nothing
+        exact_averaging=False,  # LoRA's
+        trainable_count=diffora_trainable_count,
+        selects_modules=True,
     ),
 }
 

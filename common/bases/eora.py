@@ -20,7 +20,12 @@ import torch
 def activation_eigenbasis(activations: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(Λ^{1/2}, Q) of C = X Xᵀ + eps * mean(diag(X Xᵀ)) I, in float64."""
     x = activations.detach().double()
-    covariance = x @ x.T
+    return covariance_eigenbasis(x @ x.T, eps)
+
+
+def covariance_eigenbasis(covariance: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ^{1/2}, Q) of C + eps * mean(diag(C)) I for an accumulated C = X Xᵀ (d_in x d_in), in float64."""
+    covariance = covariance.detach().double().clone()
     covariance += eps * covariance.diagonal().mean() * torch.eye(covariance.shape[0], dtype=torch.float64)
     eigenvalues, q = torch.linalg.eigh(covariance)
     return eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).sqrt(), q
@@ -34,9 +39,19 @@ def eora(error: torch.Tensor, activations: torch.Tensor, rank: int, eps: float =
     """
     if activations.shape[0] != error.shape[1]:
         raise ValueError(f"activations must be d_in x N with d_in = {error.shape[1]}, got {tuple(activations.shape)}")
+    x = activations.detach().double()
+    return eora_from_covariance(error, x @ x.T, rank, eps)
+
+
+def eora_from_covariance(error: torch.Tensor, covariance: torch.Tensor, rank: int, eps: float = 1e-6
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`eora` from C = X Xᵀ accumulated over calibration batches instead of X itself (same result)."""
+    if covariance.shape != (error.shape[1], error.shape[1]):
+        raise ValueError(f"the covariance must be d_in x d_in with d_in = {error.shape[1]}, "
+                         f"got {tuple(covariance.shape)}")
     if not 1 <= rank <= min(error.shape):
         raise ValueError(f"rank = {rank} is invalid for a {tuple(error.shape)} error: use 1..{min(error.shape)}")
-    root, q = activation_eigenbasis(activations, eps)
+    root, q = covariance_eigenbasis(covariance, eps)
     u, s, vh = torch.linalg.svd(error.detach().double() @ q * root, full_matrices=False)
     b = u[:, :rank] * s[:rank]
     a = (vh[:rank] / root) @ q.T

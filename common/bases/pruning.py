@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,3 +149,36 @@ def prune_bert(model: nn.Module, ratio: float) -> PrunedModel:
         self_attention.num_attention_heads = rows.numel() // size
         self_attention.all_head_size = rows.numel()
     return PrunedModel(pruned, maps)
+
+
+def recover_arrays(arrays: dict[str, np.ndarray], index_maps: IndexMap, full_shapes: dict[str, tuple[int, ...]]
+                   ) -> dict[str, np.ndarray]:
+    """A pruned-space global state as the full model's state: every LoRA factor of a pruned layer recovered.
+
+    `lora_B` of layer m becomes E_out B^P (zero rows at m's pruned outputs), `lora_A` becomes A^P E_inᵀ (zero
+    columns at its pruned inputs); every other tensor (the head, factors of unpruned layers) is unchanged.
+    `full_shapes` gives each key's shape in the full model (its rank may differ: only d_out / d_in are read).
+    """
+    full = {}
+    for key, value in arrays.items():
+        layer, factor = _lora_owner(key)
+        kept_out, kept_in = index_maps.get(layer, (None, None))
+        if factor == "lora_B" and kept_out is not None:
+            recovered = np.zeros((full_shapes[key][0], value.shape[1]), dtype=value.dtype)
+            recovered[kept_out.numpy()] = value
+        elif factor == "lora_A" and kept_in is not None:
+            recovered = np.zeros((value.shape[0], full_shapes[key][1]), dtype=value.dtype)
+            recovered[:, kept_in.numpy()] = value
+        else:
+            recovered = value
+        full[key] = recovered
+    return full
+
+
+def _lora_owner(key: str) -> tuple[str, str]:
+    """`x.query.lora_B.weight` -> ("x.query", "lora_B"); ("", "") for a key outside a LoRA factor."""
+    for factor in ("lora_A", "lora_B"):
+        marker = f".{factor}."
+        if marker in key:
+            return key.split(marker)[0], factor
+    return "", ""

@@ -13,6 +13,7 @@ first and the quantized part becomes the base (see `common.bases.lq_lora`).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from common.adapters.base import AdapterLayer
@@ -58,3 +59,18 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
     return total
+
+
+def dequantize_frozen_base(model: nn.Module) -> list[str]:
+    """Replace every `QuantizedLinear` by a frozen `nn.Linear` holding deq(Q) (to merge an adapter into it)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    for name in names:
+        quantized = model.get_submodule(name)
+        linear = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None)
+        linear.to(device=quantized.codes.device, dtype=quantized.compute_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(quantized.weight)
+            if quantized.bias is not None:
+                linear.bias.copy_(quantized.bias)
+        _replace(model, name, linear.requires_grad_(False))
+    return names

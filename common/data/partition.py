@@ -47,7 +47,9 @@ def public_split(config: RunConfig) -> TextDataset:
 def uses_public_split(config: RunConfig) -> bool:
     from common.adapters import get_adapter
 
-    return config.init_data == "public" and get_adapter(config.adapter).gradient_init is not None
+    if config.base_init == "eora":  # EoRA's calibration set (common/bases/eora_init.py)
+        return True
+    return config.init_data == "public" and get_adapter(config.adapter).reads_init_data
 
 
 def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
@@ -57,6 +59,10 @@ def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> Cl
     indices = _partition_indices(config, num_partitions)[partition_id]
     pool = _client_pool(config)[0]
     train, test = split_off(pool.subset(indices), config.local_test_fraction, config.seed + 1 + partition_id)
+    if config.audit_canaries and partition_id == config.audit_client:  # the privacy audit's client
+        from common.privacy.canaries import with_canaries
+
+        train = with_canaries(train, config.audit_canaries, config.seed)
     return ClientData(train=train, test=test)
 
 

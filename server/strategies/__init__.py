@@ -53,6 +53,14 @@ def check_compatible(strategy: str, adapter: str, client_ranks: tuple[int, ...] 
             f"strategy {strategy!r} needs an adapter with {' and '.join(sorted(needed))}; adapter {adapter!r} "
             f"trains {', '.join(kind.trainable_factors)}: use strategy {' or '.join(repr(f) for f in fits)}"
         )
+    if kind.rank_identity_matters and cls.reorders_ranks:
+        fits = sorted(name for name, c in STRATEGIES.items() if set(c.required_factors) <= trained
+                      and not c.reorders_ranks and (not c.adapters or adapter in c.adapters))
+        raise ConfigError(
+            f"strategy {strategy!r} re-factors B A into new ranks each round, but each rank of adapter {adapter!r} "
+            f"is one expert of its router, so the router would gate rotated ranks: use strategy "
+            f"{' or '.join(repr(f) for f in fits)}"
+        )
 
 
 __all__ = ["STRATEGIES", "LoRAStrategy", "check_compatible", "get_strategy"]

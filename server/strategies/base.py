@@ -55,6 +55,11 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
+def _weighted(values: list[float], weights: list[float]) -> float:
+    """Example-weighted mean of a round's client metric (NaN for a round released with no replies)."""
+    return float(np.average(values, weights=weights)) if values else math.nan
+
+
 def factor_of(key: str) -> str:
     """`...query.lora_A.weight` -> `lora_A`; a head parameter has no factor ("")."""
     parts = key.split(".")
@@ -70,6 +75,8 @@ class LoRAStrategy(FedAvg):
     adapters: tuple[str, ...] = ()  # the adapters it can merge; () = any with the required factors
     rank_heterogeneous = False  # can clients train different ranks (run config client-ranks)?
     secure_aggregation = True  # is the merge a weighted sum of the payloads (README table)?
+    reorders_ranks = False  # does the merge re-factor or re-order the ranks (an SVD of B A, clustering)?
+    releases_every_round = False  # user-level DP (user_dp.py): aggregate even with fewer valid replies
 
     def __init__(self, *, clients_per_round: int, seed: int, run_dir: str, adapter: str = "lora",
                  evaluate_clients: bool = True, min_train_clients: int = 1, max_update_norm: float = 0.0,
@@ -88,6 +95,7 @@ class LoRAStrategy(FedAvg):
         )
         self.clients_per_round = clients_per_round
         self.adapter = adapter
+        self.base_checksum = ""  # the server's frozen-base sha256; "" = replies' bases are not checked
         self.seed = seed
         self.run_dir = run_dir
         self.global_arrays: dict[str, np.ndarray] = {}
@@ -308,7 +316,7 @@ class LoRAStrategy(FedAvg):
             rejected += 1
         self.refusals[server_round] = refused
         counts = {"clients-refused": len(refused), "clients-rejected": rejected}
-        if len(accepted) < self.min_train_clients:
+        if len(accepted) < self.min_train_clients and not self.releases_every_round:
             self._skip_round(server_round, len(accepted), faulty=bool(accepted) or len(self.faults) > faults_before)
             return None, MetricRecord({"clients-trained": 0, **counts, "round-skipped": 1})
         new_global = self.aggregate_payloads(accepted, weights, senders, server_round)
@@ -324,9 +332,9 @@ class LoRAStrategy(FedAvg):
             self.client_adapters[client] = (payload, weight)
         summary = {
             "clients-trained": len(accepted), **counts,
-            "train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights)),
-            "first-loss": float(np.average([m["first-loss"] for m in metrics], weights=weights)),
-            "epsilon-max": float(max(m["epsilon"] for m in metrics)),
+            "train-loss": _weighted([m["train-loss"] for m in metrics], weights),
+            "first-loss": _weighted([m["first-loss"] for m in metrics], weights),
+            "epsilon-max": float(max((m["epsilon"] for m in metrics), default=0.0)),
             "bytes-up": int(bytes_up), "bytes-down": int(self.last_bytes_down),
         }
         return to_record(new_global), MetricRecord(summary)
@@ -402,6 +410,10 @@ class LoRAStrategy(FedAvg):
         trained = content.config_records.get("adapter", {}).get("name")
         if trained != self.adapter:
             return {}, f"it trained adapter {trained!r}, this run uses {self.adapter!r}"
+        theirs = content.config_records.get("adapter", {}).get("base-sha256")
+        if self.base_checksum and theirs != self.base_checksum:
+            return {}, (f"it trained on a frozen base with checksum {str(theirs)[:16]!r}, the server built "
+                        f"{self.base_checksum[:16]!r} (the same model, base settings and seed must give the same base)")
         if "metrics" not in content.metric_records:
             return {}, "no metrics"
         problem = self._check_metrics(content["metrics"])

@@ -17,6 +17,7 @@ from server.strategies.base import LoRAStrategy
 class FedSVD(LoRAStrategy):
     frozen_factors = ("lora_A",)
     required_factors = ("lora_A", "lora_B")
+    reorders_ranks = True  # B A = U Σ Vᵀ: new ranks, ordered by singular value
 
     def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(arrays)

@@ -18,6 +18,7 @@ from server.strategies.rank_hetero import RankHeteroStrategy
 
 class FedSVDHet(RankHeteroStrategy):
     frozen_factors = ("lora_A",)
+    reorders_ranks = True
     secure_aggregation = True
 
     def merge_layer(self, bs, as_, weights, b_global, a_global, server_round):

@@ -17,5 +17,7 @@ from server.strategies.rank_hetero import RankHeteroStrategy
 
 
 class LoRALEGO(RankHeteroStrategy):
+    reorders_ranks = True  # the merged B A is re-factored into new ranks
+
     def merge_layer(self, bs, as_, weights, b_global, a_global, server_round):
         return lego_merge(bs, as_, weights, self.r_max, seed=self.seed + server_round)

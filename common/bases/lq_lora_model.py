@@ -1,0 +1,72 @@
+"""LQ-LoRA on a whole model (run config `base = "lq_lora"`): W0 ≈ Q + L1 L2 for every LoRA layer's base.
+
+Per LoRA layer (`common.bases.lq_lora.lq_decompose`, data-free): Q becomes the frozen base
+(`QuantizedLinear`), L2 (orthonormal rows) becomes A and L1 / s becomes B, so s B A = L1 L2 and the adapter
+starts non-zero with the model's function ≈ W0's. Every other frozen backbone linear is quantized plainly
+(no low-rank part: nothing would train it). Head and embeddings stay full precision.
+
+Precision: `budget = 0` quantizes everything in NF4 (4.127 bits/param). A budget in bits/param runs
+LQ-LoRA's ILP (`common.bases.mixed_precision.choose_configs`) over all quantized matrices: the error of a
+LoRA layer's config is its decomposition error ‖W - Q - L1 L2‖², of any other its quantization error
+‖W - deq(Q(W))‖², and the budget bounds the average storage of Q over all of them.
+
+Every input is a pretrained weight and every step is deterministic (SVD, rounding, HiGHS), so all
+parties that build the model from the same run config get the same base; the base checksum
+(`common.bases.checksum`) catches a party whose linear algebra disagrees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.adapters.lora import LoRALinear
+from common.bases.blockwise import NF4, BlockQuantConfig, fake_quantize
+from common.bases.lq_lora import LQDecomposition, lq_decompose
+from common.bases.mixed_precision import LQ_CONFIGS, choose_configs
+from common.bases.quantized_linear import QuantizedLinear
+from common.bases.replace import _replace, frozen_base_linears
+
+
+def apply_lq_lora(model: nn.Module, rank: int, budget: float = 0.0, iters: int = 3,
+                  configs: tuple[BlockQuantConfig, ...] = LQ_CONFIGS) -> dict[str, BlockQuantConfig]:
+    """Decompose every LoRA layer's base and quantize every other frozen linear, in place.
+
+    Returns each replaced linear's quantization config. `rank` must equal the LoRA layers' rank.
+    """
+    lora = {f"{name}.base": m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    names = frozen_base_linears(model)
+    weights = {name: model.get_submodule(name).weight.detach() for name in names}
+    choices = (configs,) if budget else ((NF4,),)
+    table: dict[str, list[LQDecomposition | None]] = {}
+    errors = np.zeros((len(names), len(choices[0])))
+    for i, name in enumerate(names):
+        table[name] = []
+        for j, config in enumerate(choices[0]):
+            if name in lora:
+                decomposition = lq_decompose(weights[name], rank, config, iters)
+                errors[i, j] = decomposition.errors[decomposition.best] ** 2
+            else:
+                decomposition = None
+                errors[i, j] = float(torch.linalg.norm(weights[name] - fake_quantize(weights[name], config)) ** 2)
+            table[name].append(decomposition)
+    if budget:
+        bits = np.array([c.bits_per_param for c in configs])
+        picked = choose_configs(errors, bits, [weights[n].numel() for n in names], budget)
+    else:
+        picked = [0] * len(names)
+    chosen = {}
+    for name, j in zip(names, picked):
+        config, layer = choices[0][j], model.get_submodule(name)
+        chosen[name] = config
+        if name in lora:
+            decomposition, adapter = table[name][j], lora[name]
+            _replace(model, name, QuantizedLinear(decomposition.q, layer.bias, dtype=layer.weight.dtype)
+                     .to(layer.weight.device))
+            with torch.no_grad():
+                adapter.lora_A.weight.copy_(decomposition.l2)
+                adapter.lora_B.weight.copy_(decomposition.l1 / adapter.scaling)
+        else:
+            _replace(model, name, QuantizedLinear.from_linear(layer, config))
+    return chosen
