@@ -30,7 +30,8 @@ def identity_of(context: Context, run_dir: str) -> ClientIdentity:
     partition_id = int(node.get("partition-id", 0))
     ledger_dir = node.get("ledger-dir") or str(Path(run_dir) / "ledgers")
     return ClientIdentity(client_id=str(node.get("client-id", partition_id)), partition_id=partition_id,
-                          num_partitions=int(node.get("num-partitions", 1)), ledger_dir=Path(str(ledger_dir)))
+                          num_partitions=int(node.get("num-partitions", 1)), ledger_dir=Path(str(ledger_dir)),
+                          run_dir=run_dir)
 
 
 def node_run_config(context: Context) -> RunConfig:
@@ -39,6 +40,11 @@ def node_run_config(context: Context) -> RunConfig:
     config = RunConfig.from_flower(context.run_config)
     dataset = context.node_config.get("dataset")
     return dataclasses.replace(config, dataset=str(dataset)) if dataset else config
+
+
+def factor_names(settings: ConfigRecord, key: str) -> tuple[str, ...]:
+    """The instruction's comma-separated factor names (`frozen`, `personal`)."""
+    return tuple(part for part in str(settings.get(key, "")).split(",") if part)
 
 
 def error_reply(msg: Message, err: FedloraError) -> Message:
@@ -61,12 +67,13 @@ def train_reply(msg: Message, context: Context) -> Message:
     config = node_run_config(context)
     settings = msg.content["config"]
     identity = identity_of(context, str(settings["run-dir"]))
-    frozen = tuple(part for part in str(settings.get("frozen", "")).split(",") if part)
+    frozen = factor_names(settings, "frozen")
     # The server may ask for less than the client's own rank (HetLoRA's rank pruning), never for more.
     rank = min(client_rank(config, context.node_config, identity.partition_id), int(settings.get("rank", 10**9)))
     config = config_for_rank(config, rank)
     outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen,
-                          int(settings["server-round"]), fold=bool(settings.get("fold", 0)))
+                          int(settings["server-round"]), fold=bool(settings.get("fold", 0)),
+                          personal=factor_names(settings, "personal"))
     if outcome.refused:
         log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
     else:
@@ -119,6 +126,7 @@ def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: Tr
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config = node_run_config(context)
-    identity = identity_of(context, str(msg.content["config"].get("run-dir", ".")))
-    metrics = evaluate_round(config, identity, from_record(msg.content["arrays"]))
+    settings = msg.content["config"]
+    identity = identity_of(context, str(settings.get("run-dir", ".")))
+    metrics = evaluate_round(config, identity, from_record(msg.content["arrays"]), factor_names(settings, "personal"))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

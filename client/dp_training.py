@@ -11,14 +11,17 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.config import RunConfig
 from common.tensors import trim
+from common.training import StepPiece, get_update_rule, privatize_then_update
+from common.training.update_rules import OptimizerFactory
 
 
 @dataclass(frozen=True)
@@ -28,13 +31,6 @@ class DPSettings:
     noise_multiplier: float | None
     max_grad_norm: float
     grad_sample_mode: str = "hooks"
-
-
-# The optimizer applied to the privatized gradient (post-processing: any choice costs no privacy).
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
 
 
 @dataclass(frozen=True)
@@ -70,6 +66,8 @@ def train_locally(
     trim_padding: bool = True,
     before_step: Callable[[], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    make_optimizer: OptimizerFactory | None = None,
+    pieces: Sequence[StepPiece] = (),
 ) -> LocalResult:
     """Run exactly `steps` optimizer steps (re-iterating the loader as needed).
 
@@ -78,11 +76,14 @@ def train_locally(
     ledger counts the step there (`PrivacyLedger.count_step`), so a crash can never hide one.
     `loss_fn(logits, labels)` is the batch-mean training loss (LoKU's inverted hinge loss, client/loku.py); it
     must be a mean of per-example terms, as DP-SGD's per-sample clipping assumes.
+    The optimizer is `make_optimizer` (the run's update rule, `common.training.optimizer_factory`), else the
+    update rule `optimizer_name` at its default settings; it and the `pieces` (rank schedule, proximal steps)
+    act only on the privatized gradient, after Opacus' clipping and noise (`common/training/pieces.py`).
     """
     model.to(device)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[optimizer_name](parameters, lr=lr)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = (make_optimizer or get_update_rule(optimizer_name).make(RunConfig()))(named, lr)
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True,
         generator=sampling_generator or fresh_generator(torch.device("cpu")),
@@ -103,7 +104,11 @@ def train_locally(
         # Opacus' backward hooks on the first adapted layer (whose input needs no grad) trigger a harmless
         # torch warning on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step, loss_fn)
+        try:
+            losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step, loss_fn, pieces)
+        finally:
+            for piece in pieces:
+                piece.close()
     if hasattr(model, "_close"):
         model._close()  # remove Opacus' hooks and per-sample attributes: the module is reusable afterwards
     finite = [x for x in losses if x == x]
@@ -116,25 +121,28 @@ def train_locally(
 
 
 def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool,
-               before_step: Callable[[], None] | None = None, loss_fn=F.cross_entropy) -> list[float]:
+               before_step: Callable[[], None] | None = None, loss_fn=F.cross_entropy,
+               pieces: Sequence[StepPiece] = ()) -> list[float]:
     """The loss of each of `steps` optimizer steps (NaN for an empty Poisson batch)."""
     losses: list[float] = []
     while len(losses) < steps:
         for input_ids, attention_mask, labels in loader:
             if before_step is not None:
                 before_step()
+            for piece in pieces:
+                piece.before_forward(len(losses))
             if trim_padding:
                 input_ids, attention_mask = trim(input_ids, attention_mask)
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 # An empty Poisson batch is still a DP step: the optimizer adds pure noise.
-                optimizer.step()
+                privatize_then_update(optimizer, pieces)
                 losses.append(float("nan"))
             else:
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
                 loss = loss_fn(logits, labels.to(device))
                 loss.backward()
-                optimizer.step()
+                privatize_then_update(optimizer, pieces)
                 losses.append(float(loss.detach()))
             if len(losses) == steps:
                 break

@@ -173,7 +173,7 @@ def calibrate_loku_noise(ledger: PrivacyLedger, loku_round: int, sample_rate: fl
                           "raise unlearn-epsilon")
     if fits(low):
         return low
-    while high / low > 1.001:
+    while high / low > 1.01:
         mid = math.sqrt(low * high)
         low, high = (low, mid) if fits(mid) else (mid, high)
     return high
@@ -195,8 +195,13 @@ class LokuOutcome:
 def loku_unlearn(model: nn.Module, forget: TensorDataset, *, rank: int, steps: int, lr: float, batch_size: int,
                  max_grad_norm: float, device: torch.device, noise_multiplier: float | None,
                  before_step=None, fisher_generator: torch.Generator | None = None,
-                 retain_fisher: dict[str, torch.Tensor] | None = None, grad_sample_mode: str = "hooks") -> dict:
-    """Steps 2-3 in place on `model` (LoRA layers, frozen rest); {layer: original W0} for step 4, plus stats."""
+                 retain_fisher: dict[str, torch.Tensor] | None = None, grad_sample_mode: str = "hooks",
+                 sampling_generator: torch.Generator | None = None, noise_generator: torch.Generator | None = None
+                 ) -> dict:
+    """Steps 2-3 in place on `model` (LoRA layers, frozen rest); {layer: original W0} for step 4, plus stats.
+
+    The generators are for tests only: by default the sampling and every noise draw are seeded from the OS.
+    """
     fisher = row_fisher(model, forget, device, noise_multiplier, fisher_generator)
     originals = loku_init(model, importance(fisher, retain_fisher), rank)
     model.requires_grad_(False)
@@ -205,7 +210,8 @@ def loku_unlearn(model: nn.Module, forget: TensorDataset, *, rank: int, steps: i
         layer.lora_B.weight.requires_grad_(True)
     result = train_locally(model, forget, steps=steps, batch_size=batch_size, lr=lr,
                            dp=DPSettings(noise_multiplier, max_grad_norm, grad_sample_mode), device=device,
-                           before_step=before_step, loss_fn=inverted_hinge_loss)
+                           before_step=before_step, loss_fn=inverted_hinge_loss,
+                           sampling_generator=sampling_generator, noise_generator=noise_generator)
     return {"originals": originals, "steps": result.steps, "first-loss": result.first_loss,
             "train-loss": result.mean_loss}
 

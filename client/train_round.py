@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dp_training import DPSettings, train_locally
+from client.personal_state import load_personal, personal_path, save_personal
 from common.adapters.rank_resize import fit_ranks, fold_into_base
 from common.adapters.registry import get_adapter
 from common.config import RunConfig
@@ -22,6 +23,7 @@ from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
 from common.privacy.plan import check_privacy_plan, planned_dp_steps
 from common.tensors import encode
+from common.training import optimizer_factory, step_pieces
 
 
 @dataclass
@@ -32,10 +34,15 @@ class ClientIdentity:
     partition_id: int
     num_partitions: int
     ledger_dir: Path
+    run_dir: str = ""  # names the run a personal factor file belongs to (client/personal_state.py)
 
     @property
     def ledger_path(self) -> Path:
         return self.ledger_dir / f"client-{self.client_id}.json"
+
+    @property
+    def personal_path(self) -> Path:
+        return personal_path(self.ledger_dir, self.client_id)
 
 
 @dataclass
@@ -65,12 +72,14 @@ def noise_for(config: RunConfig, sample_rate: float) -> float | None:
 
 def train_round(
     config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray], frozen: tuple[str, ...],
-    server_round: int, fold: bool = False,
+    server_round: int, fold: bool = False, personal: tuple[str, ...] = (),
 ) -> TrainOutcome:
     """Train the received adapter locally under DP-SGD, or refuse if the budget does not allow it.
 
     `fold`: the received LoRA factors are a global update to add to the base weights (FLoRA), and the
     client trains a fresh LoRA of its own rank on top; otherwise they initialise the client's LoRA.
+    `personal`: factors this client keeps (FedSA-LoRA's `lora_B`): loaded from its own disk before training
+    (the adapter's init in its first round), trained in the same DP-SGD steps, saved after, never returned.
     """
     ledger = open_ledger(config, identity)  # first: a corrupted ledger stops the round before any data is read
     data = client_data(config, identity.partition_id, identity.num_partitions)
@@ -90,19 +99,23 @@ def train_round(
     if fold:
         arrays = fold_into_base(adapted.model, arrays)
     load_state(adapted.model, arrays, leading_block=True)
+    load_personal(adapted.model, identity.personal_path, identity.run_dir, personal)
     for name, parameter in adapted.model.named_parameters():
         if any(part in frozen for part in name.split(".")):
             parameter.requires_grad_(False)
-    sent = adapted.trainable
+    sent = [name for name in adapted.trainable if not any(part in personal for part in name.split("."))]
     result = train_locally(
         adapted.model, encode(adapted.tokenizer, data.train, config.max_seq_len),
         steps=config.local_steps, batch_size=config.batch_size, lr=config.lr,
         dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                       grad_sample_mode=get_adapter(config.adapter).grad_sample_mode), device=pick_device(),
         before_step=ledger.count_step if noise is not None else None,
+        make_optimizer=optimizer_factory(config), pieces=step_pieces(config, adapted.model, server_round),
     )
     if noise is not None:
         ledger.close_round(result.steps)
+    if personal:
+        save_personal(adapted.model, identity.personal_path, identity.run_dir, personal)
     metrics = _metrics(len(data.train), ledger, refused=False)
     metrics.update({"train-loss": result.mean_loss, "first-loss": result.first_loss, "steps": result.steps,
                     "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})
@@ -118,12 +131,15 @@ def _metrics(num_examples: int, ledger: PrivacyLedger, refused: bool) -> dict:
             "sample-rate": 0.0}
 
 
-def evaluate_round(config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray]) -> dict:
-    """Loss and accuracy of the received global adapter on this client's local test split."""
+def evaluate_round(config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray],
+                   personal: tuple[str, ...] = ()) -> dict:
+    """Loss and accuracy of the received global adapter on this client's local test split (with its own
+    `personal` factors where it has them: FedSA-LoRA's personalized model)."""
     data = client_data(config, identity.partition_id, identity.num_partitions)
     adapted = build_model(config, num_labels=len(data.test.label_names))
     fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays)
+    load_personal(adapted.model, identity.personal_path, identity.run_dir, personal)
     loss, accuracy = evaluate(adapted.model, encode(adapted.tokenizer, data.test, config.max_seq_len),
                               config.eval_batch_size, pick_device())
     return {"num-examples": len(data.test), "eval-loss": loss, "eval-accuracy": accuracy}

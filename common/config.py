@@ -22,15 +22,15 @@ INIT_DATA = ("public", "private")
 # LQ-LoRA's Q + L1 L2, LoRAM's structurally pruned base, QLoRAM's pruned and NF4-quantized one.
 BASES = ("fp32", "nf4", "lq_lora", "loram", "qloram")
 # How the adapter starts on a compressed base: as the adapter's own init, or EoRA's compensation of the
-# NF4 error in the eigenspace of activations on the server's public split (`common/bases/eora_init.py`).
+# quantization error (nf4, qloram: NF4's; lq_lora: that of Q) in the eigenspace of activations on the
+# server's public split (`common/bases/eora_init.py`); no privacy cost.
 BASE_INITS = ("none", "eora")
-# LQ-LoRA's Fisher weighting: only the data-free decomposition runs ("none"); see `_validate_base`.
+# LQ-LoRA's Fisher weighting: "none" (data-free), "public" (diagonal empirical Fisher on the public split,
+# `common/bases/fisher.py`; public data, no privacy cost); "private" is refused (see `_validate_base`).
 LQ_FISHER = ("none", "public", "private")
 # The cheapest of LQ-LoRA's mixed-precision configs (2 bits, blocks of 128, 8-bit scales in blocks of 256):
 # 2 + 8/128 + 32/(128*256) bits/param, the lowest budget the ILP can meet (common/bases/mixed_precision.py).
 LQ_MIN_BITS = 2.0634765625
-# Adapter factors a client may keep to itself (FedSA-LoRA: a personal B, a shared A); "" = all are shared.
-PERSONAL_FACTORS = ("", "lora_B")
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,12 @@ class RunConfig:
     unlearn_epsilon: float = 1.0
     loku_steps: int = 10
     loku_lr: float = 0.01
-    personal_steps: int = 0
-    personal_factors: str = ""
+    update_rule: str = "adam"
+    galore_rank: int = 4
+    galore_period: int = 10
+    galore_scale: float = 0.25
+    rank_schedule: str = "none"
+    sora_lambda: float = 0.1
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -145,7 +149,8 @@ class RunConfig:
         return max(1, math.ceil(self.num_rounds * self.planned_participation))
 
     def validate(self) -> None:
-        """Range checks that need no registry (strategy and adapter names are checked by their owners)."""
+        """Range checks, and the training pieces' combinations (`common/training/compatibility.py`); strategy
+        and adapter names are checked by their owners."""
         for name, check, hint in _RULES:
             if not check(getattr(self, name)):
                 raise ConfigError(
@@ -160,6 +165,10 @@ class RunConfig:
             )
         self._validate_user_level()
         self._validate_base()
+        if (self.update_rule, self.rank_schedule) != ("adam", "none"):  # the defaults need no registry import
+            from common.training.compatibility import check_training  # its registries import this module
+
+            check_training(self)
         ranks = self.client_rank_list
         if any(r > self.rank for r in ranks):
             raise ConfigError(
@@ -203,12 +212,12 @@ class RunConfig:
     def _validate_base(self) -> None:
         """Settings of one base that another base would silently ignore, and what a run cannot do yet."""
         if self.lq_fisher == "private":
-            raise ConfigError("lq-fisher = 'private' is refused: a Fisher computed on the clients' private data "
-                              "spends privacy budget that no ledger accounts for; use lq-fisher = 'none'")
-        if self.lq_fisher == "public":
-            raise ConfigError("lq-fisher = 'public' is not implemented in runs yet: LQ-LoRA runs its data-free "
-                              "decomposition (lq-fisher = 'none'); the Fisher-weighted step exists as "
-                              "common.bases.lq_lora.lq_decompose(weights=...) for public calibration data")
+            raise ConfigError("lq-fisher = 'private' is refused: a Fisher of the clients' private data would need "
+                              "their DP gradients, charged to their privacy budgets, which fedlora does not do; "
+                              "use lq-fisher = 'public' (the server's public split, no privacy cost) or 'none'")
+        if self.lq_fisher != "none" and self.base != "lq_lora":
+            raise ConfigError(f"lq-fisher = {self.lq_fisher!r} weights LQ-LoRA's decomposition but base = "
+                              f"{self.base!r}: set base = 'lq_lora' or lq-fisher = 'none'")
         if self.lq_bits and self.base != "lq_lora":
             raise ConfigError(f"lq-bits = {self.lq_bits:g} is LQ-LoRA's bit budget but base = {self.base!r}: "
                               "set base = 'lq_lora' or lq-bits = 0")
@@ -216,13 +225,12 @@ class RunConfig:
             raise ConfigError(f"client-ranks cannot be combined with base = {self.base!r}: every client must "
                               "train the same adapter shapes on the one base the server built (LQ-LoRA's Q "
                               "depends on the rank); use client-ranks = \"\"")
-        if self.base_init == "eora" and self.base != "nf4":
+        if self.base_init == "eora" and self.base in ("fp32", "loram"):
             why = {"fp32": "has no compression error to compensate",
-                   "lq_lora": "already starts from its own compensation L1 L2",
-                   "loram": "is pruned, not quantized: no per-layer error of the same shape to compensate",
-                   "qloram": "merges the recovered adapter into the full-precision W0, which has no NF4 error "
-                             "for EoRA's compensation to undo"}[self.base]
-            raise ConfigError(f"base-init = 'eora' needs base = 'nf4': base = {self.base!r} {why}")
+                   "loram": "is pruned, not quantized: its kept weights are W0's own, without an error to "
+                            "compensate"}[self.base]
+            raise ConfigError(f"base-init = 'eora' needs a quantized base (nf4, qloram or lq_lora): base = "
+                              f"{self.base!r} {why}")
 
 
 def _positive(v) -> bool:
@@ -262,7 +270,8 @@ _RULES = [
      "choose fp32 (full precision), nf4 (QLoRA's 4-bit NormalFloat), lq_lora (LQ-LoRA: Q + L1 L2), loram "
      "(LoRAM: structurally pruned) or qloram (pruned and NF4)"),
     ("base_init", lambda v: v in BASE_INITS,
-     "choose none (the adapter's own init) or eora (EoRA compensation of the NF4 error, base = nf4)"),
+     "choose none (the adapter's own init) or eora (EoRA compensation of the quantization error; bases nf4, "
+     "qloram, lq_lora)"),
     ("lq_bits", lambda v: v == 0 or (LQ_MIN_BITS <= v and math.isfinite(v)),
      f"give LQ-LoRA's average bits/param budget for the quantized part, at least {LQ_MIN_BITS:.4f} (every "
      f"matrix at 2 bits), e.g. 3.0 or 4.127; or 0 for NF4 everywhere (4.127 bits/param, no ILP)"),
@@ -296,9 +305,11 @@ _RULES = [
      "must be >= 0: the epsilon a leaving client may spend on LoKU beyond target-epsilon"),
     ("loku_steps", _positive, "LoKU needs at least one DP-SGD step on the data to forget"),
     ("loku_lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
-    ("personal_steps", lambda v: v >= 0, "must be >= 0 (0 = no local fine-tuning after the run)"),
-    ("personal_factors", lambda v: v in PERSONAL_FACTORS,
-     "choose \"\" (every factor is shared) or \"lora_B\" (FedSA-LoRA: B stays on the client, strategy fedsa_lora)"),
+    ("galore_rank", _positive, "GaLore's projection rank must be an integer >= 1"),
+    ("galore_period", _positive, "GaLore refreshes its projection every this many steps: an integer >= 1"),
+    ("galore_scale", lambda v: v > 0 and math.isfinite(v), "GaLore's update scale must be > 0 (paper: 0.25)"),
+    ("sora_lambda", lambda v: v >= 0 and math.isfinite(v),
+     "SoRA's L1 strength must be >= 0 (the gate threshold per step is lr x this; 0 = no pruning)"),
     ("dataset", bool, "give \"wordnet\" or a path to a .csv/.jsonl file"),
 ]
 

@@ -27,18 +27,26 @@ from common.payload import load_state
 from common.ranks import config_for_rank, stored_rank
 
 
-def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str]) -> AdaptedModel:
+def adapted_with(config: RunConfig, arrays: dict[str, np.ndarray], labels: list[str],
+                 start: dict[str, np.ndarray] | None = None) -> AdaptedModel:
     """The run's model with the global adapter and head loaded, labels named, in eval mode.
 
     Always full size and without quantized layers (common/bases/registry.py, "what the server serves"):
-    on W0 for "fp32" / "nf4"; on deq(Q) for "lq_lora" and EoRA-initialised runs (their adapter started as
-    a compensation of Q's error); for "loram" / "qloram" on the full unpruned W0 with the adapter recovered
-    from the pruned space (zeros at pruned positions).
+    on W0 for "fp32" / "nf4"; on deq(Q) for "lq_lora" and EoRA-initialised "nf4" runs (their adapter
+    started as a compensation of Q's error); for "loram" / "qloram" on the full unpruned W0 with the
+    adapter recovered from the pruned space (zeros at pruned positions). A "qloram" EoRA run needs its
+    `start` (B0 A0, RUN_DIR/eora_start.safetensors): the full W0 gets only the change s (B A - B0 A0).
     """
-    full = dataclasses.replace(config, base="fp32", base_init="none", lq_bits=0.0)
+    full = dataclasses.replace(config, base="fp32", base_init="none", lq_bits=0.0, lq_fisher="none")
     if config.base in ("loram", "qloram"):
+        from common.bases.eora_init import trained_change
         from common.bases.pruning import recover_arrays
 
+        if config.base_init == "eora":
+            if start is None:
+                raise ConfigError("a qloram run with base-init = 'eora' exports W0 plus the trained change "
+                                  "B A - B0 A0: give its EoRA start (RUN_DIR/eora_start.safetensors)")
+            arrays = trained_change(arrays, start)
         maps = build_model(config, num_labels=len(labels)).index_maps
         adapted = build_model(full, num_labels=len(labels))
         shapes = {key: tuple(value.shape) for key, value in adapted.model.state_dict().items()}

@@ -18,6 +18,7 @@ from pathlib import Path
 from common.config import RunConfig
 from common.errors import FedloraError, exit_on_user_error
 from common.export import adapted_with, export_merged, export_peft
+from server.bases import load_start
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, dict, list[str]]:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also write RUN_DIR/peft (adapters lora, dora, randlora, bone, bat)")
     args = parser.parse_args(argv)
     config, arrays, labels = load_run(args.run_dir)
-    adapted = adapted_with(config, arrays, labels)
+    adapted = adapted_with(config, arrays, labels, start=load_start(config, args.run_dir))  # QLoRAM + EoRA
     if args.peft:  # before merging: export_peft reads the adapter factors, export_merged folds them away
         print(f"PEFT adapter: {export_peft(config, adapted, args.run_dir / 'peft')}")
     out = export_merged(adapted, args.out or args.run_dir / "merged")

@@ -73,6 +73,10 @@ RUN_FIELDS = (("strategy", "Strategy"), ("rounds", "Rounds"), ("model", "Model")
 
 
 def _level_sentence(report: dict) -> str:
+    if report.get("user_level") and not any(client["history"] for client in report["clients"]):
+        return ("<strong>User-level</strong> differential privacy at the server only (each client's update "
+                "clipped, Gaussian noise on the sum, clients Poisson-sampled): it protects everything a client "
+                "contributes. The clients trained without DP-SGD, so there is no sample-level guarantee.")
     if report.get("user_level"):
         return ("<strong>Two guarantees.</strong> User-level differential privacy at the server (each client's "
                 "update clipped, Gaussian noise on the sum, clients Poisson-sampled) protects everything a client "

@@ -34,7 +34,7 @@ from common.model import build_model, pick_device, resolve_model_path
 from common.payload import from_record, load_state, to_record, trainable_state
 from common.tensors import encode
 from server.adapter_init import initial_frozen_factors
-from server.bases import full_model, prepare_base, recovered
+from server.bases import full_model, load_start, prepare_base, recovered
 from server.aggregation import lora_layer_keys
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.report import build_report, describe_fault, write_report
@@ -61,6 +61,7 @@ class GlobalEvaluator:
         self.adapted = build_model(config, num_labels=len(test.label_names))
         # LoRAM / QLoRAM: the clients train on the pruned base, the served model is the full one
         self.full = full_model(config, num_labels=len(test.label_names))
+        self.start = None  # QLoRAM with EoRA: the start B0 A0, subtracted from what the full model gets
         self.data = encode(self.adapted.tokenizer, test, config.max_seq_len)
         self.batch_size = config.eval_batch_size
         self.device = pick_device()
@@ -76,7 +77,7 @@ class GlobalEvaluator:
         extra = {}
         if self.full is not None:  # the pruned model's figures are kept; the run's are the recovered full model's
             extra = {"pruned-accuracy": accuracy, "pruned-loss": loss}
-            full_state = recovered(state, self.adapted, self.full)
+            full_state = recovered(state, self.adapted, self.full, self.start)
             fit_ranks(self.full.model, full_state)
             load_state(self.full.model, full_state)
             loss, accuracy = evaluate(self.full.model, self.data, self.batch_size, self.device)
@@ -116,6 +117,7 @@ def run(grid: Grid, context: Context) -> Path:
     (run_dir / "labels.json").write_text(json.dumps(evaluator.label_names))
     strategy = strategy_class.from_config(config, str(run_dir))
     base = prepare_base(config, evaluator.adapted, strategy, fresh=checkpoint is None)
+    evaluator.start = load_start(config, run_dir)
     initial, resume = starting_point(config, evaluator, grid, strategy, checkpoint)
     result = strategy.start(
         grid=grid, initial_arrays=to_record(initial), num_rounds=config.num_rounds, evaluate_fn=evaluator,

@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             retrain = local_retrain(config, args.run_dir, args.num_clients)
         result = exact_unlearn(load_history(args.run_dir), args.client, strategy, retrain)
     out = write_result(args.run_dir, result)
-    print(f"client {result.client}: route {result.route} ({'exact' if result.exact else 'not done yet'}); "
+    state = "exact" if result.exact else "approximate" if result.route.startswith("approximate") else "not done yet"
+    print(f"client {result.client}: route {result.route} ({state}); "
           f"{result.note}")
     print(f"written: {out}")
 

@@ -32,9 +32,13 @@ def federated_accuracy(adapter: str) -> float:
     """Global test accuracy after the short federated DP run in `FEDERATED`."""
     from simulations.flower_sim import flwr_run, simulation_superlink
 
+    from common.diffora_selection import resolve_diffora_modules
+
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{adapter}-"))
+    overrides = {**FEDERATED, "adapter": adapter, "run-dir": str(run_dir)}
+    _, overrides = resolve_diffora_modules(RunConfig.from_flower(overrides), overrides)  # DiffoRA's selection
     with simulation_superlink() as env:
-        code = flwr_run(env, {**FEDERATED, "adapter": adapter, "run-dir": str(run_dir)}, num_supernodes=2)
+        code = flwr_run(env, overrides, num_supernodes=2)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"] if code == 0 else []
     return rounds[-1].get("global-accuracy", float("nan")) if rounds else float("nan")
 

@@ -67,11 +67,11 @@ def summarize(run_dir: Path) -> str:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     privacy = json.loads((run_dir / "privacy.json").read_text())
     lines = [f"fedlora demo summary ({metrics['strategy']}, {privacy['accountant']} accountant, "
-             f"delta={privacy['delta']:g})", "  round  global-acc  global-loss  train-loss  clients"]
-    for row in metrics["rounds"]:
+             f"delta={privacy['delta']:g})", "  round  global-acc  global-loss  train-loss  clients  client-acc"]
+    for row in metrics["rounds"]:  # client-acc: the clients' own evaluation (fedsa_lora: with their own B)
         lines.append(f"  {row['round']:>5}  {row.get('global-accuracy', float('nan')):>10.4f}  "
                      f"{row.get('global-loss', float('nan')):>11.4f}  {row.get('train-loss', float('nan')):>10.4f}  "
-                     f"{row.get('clients-trained', '-'):>7}")
+                     f"{row.get('clients-trained', '-'):>7}  {row.get('client-eval-accuracy', float('nan')):>10.4f}")
     for client in privacy["clients"]:
         eps = "not private" if client["epsilon"] is None else f"{client['epsilon']:.3f}"
         lines.append(f"  client {client['id']}: epsilon {eps} of target {client['target_epsilon']}, "

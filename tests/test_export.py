@@ -41,11 +41,12 @@ def logits(model, tokenizer) -> torch.Tensor:
         return model.eval()(**batch).logits
 
 
-# Block-LoRA, WaRA, SLTrain and DiffoRA merge through the base class's fold of ΔW, Transformed LoRA through
+# Block-LoRA, WaRA, SLTrain, DiffoRA and SoRA merge through the base class's fold of ΔW, Transformed LoRA through
 # RemembersMergedDelta as Bat does (all checked in tests/test_adapters.py), and have no PEFT form: a full
 # export each (about 12 s) would test nothing new. SMoRA cannot merge: its refusal is checked in
 # tests/test_adapters_structured.py.
-MERGE_CHECKED_BY_THE_ADAPTER_TABLE = {"block_lora", "wara", "sltrain", "transformed_lora", "diffora", "smora"}
+MERGE_CHECKED_BY_THE_ADAPTER_TABLE = {"block_lora", "wara", "sltrain", "transformed_lora", "diffora", "smora",
+                                      "sora"}
 
 
 @pytest.mark.parametrize("adapter", sorted(set(ADAPTERS) - MERGE_CHECKED_BY_THE_ADAPTER_TABLE))

@@ -63,7 +63,7 @@ def test_registry_has_the_five_rank_heterogeneous_strategies():
     for name, cls in HETERO.items():
         assert STRATEGIES[name] is cls and issubclass(cls, RankHeteroStrategy)
     assert {n for n, c in STRATEGIES.items() if c.secure_aggregation} == {"fedavg_lora", "ffa_lora", "fedsvd",
-                                                                         "fedsvd_het"}
+                                                                         "fedsa_lora", "fedsvd_het"}
 
 
 def test_from_config_carries_r_max_and_the_options(tmp_path):

@@ -101,11 +101,11 @@ def client_update(strategy, seed: int) -> dict[str, np.ndarray]:
             if k in strategy.uplink_keys()}
 
 
-def test_registry_lists_exactly_the_eight_strategies():
-    assert set(STRATEGIES) == {"fedavg_lora", "ffa_lora", "fedsvd", "hetlora", "flexlora", "flora", "lora_lego",
-                               "fedsvd_het"}
-    with pytest.raises(ConfigError, match="unknown strategy 'nope'; available: fedavg_lora, fedsvd, fedsvd_het, "
-                                          "ffa_lora, flexlora, flora, hetlora, lora_lego"):
+def test_registry_lists_exactly_the_nine_strategies():
+    assert set(STRATEGIES) == {"fedavg_lora", "ffa_lora", "fedsvd", "fedsa_lora", "hetlora", "flexlora", "flora",
+                               "lora_lego", "fedsvd_het"}
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'; available: fedavg_lora, fedsa_lora, fedsvd, "
+                                          "fedsvd_het, ffa_lora, flexlora, flora, hetlora, lora_lego"):
         get_strategy("nope")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError
-from common.payload import to_record, from_record
+from common.payload import from_record
 from server.contributions import load_history, with_stored_contributions
 from server.strategies.fedavg_lora import FedAvgLoRA
 from server.strategies.fedsvd import FedSVD

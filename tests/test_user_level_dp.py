@@ -168,7 +168,8 @@ def test_state_dict_keeps_the_user_level_account(tmp_path):
 @pytest.mark.parametrize("name", sorted(n for n, c in STRATEGIES.items() if not is_linear(c)))
 def test_strategies_that_are_not_linear_refuse_the_wrapper(name):
     assert name in {"hetlora", "flexlora", "flora", "lora_lego", "fedsvd_het"}
-    with pytest.raises(ConfigError, match=f"user-level DP .* {name!r} is not .* use fedavg_lora, fedsvd, ffa_lora"):
+    with pytest.raises(ConfigError,
+                       match=f"user-level DP .* {name!r} is not .* use fedavg_lora, fedsa_lora, fedsvd, ffa_lora"):
         with_user_level_dp(STRATEGIES[name])
 
 
@@ -242,3 +243,13 @@ def test_a_simulation_with_both_levels_reports_both(tmp_path):
     assert [r["user-epsilon"] for r in rounds[1:]] == pytest.approx([UserLevelAccount(
         **{k: user[k] for k in ("clip_norm", "noise_multiplier", "sample_rate", "population", "denominator",
                                 "delta", "target_epsilon", "accountant")}).epsilon(extra=n) for n in (1, 2)])
+
+
+def test_a_user_level_only_report_says_the_clients_had_no_dp_sgd():
+    account = UserLevelAccount(clip_norm=0.5, noise_multiplier=1.2, sample_rate=0.5, population=4, denominator=2,
+                               delta=1e-3, target_epsilon=math.inf, accountant="rdp")
+    account.record(1)
+    report = build_report({"0": {"history": []}}, delta=1e-5, accountant="rdp", target_epsilon=math.inf, run={},
+                          user_level=account.to_dict())
+    html = render_html(report, client_summaries(report), [])
+    assert "at the server only" in html and "no sample-level guarantee" in html and "Two guarantees" not in html

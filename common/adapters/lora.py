@@ -30,6 +30,10 @@ class LoRAConfig(ScaledByAlphaOverRank):
 class LoRALinear(AdapterLayer):
     """A frozen `nn.Linear` plus a trainable low-rank update."""
 
+    # A 0/1 vector over the r ranks that a rank schedule (DyLoRA, `common/training/dylora.py`) sets for one
+    # step; a plain attribute, not a buffer (Opacus), and None (every rank on) outside a schedule's steps
+    rank_mask: torch.Tensor | None = None
+
     def __init__(self, base: nn.Linear, config: LoRAConfig, name: str):
         super().__init__(base)
         self.scaling = config.scaling
@@ -54,7 +58,10 @@ class LoRALinear(AdapterLayer):
         return self.scaling * self.lora_B.weight @ self.lora_A.weight
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
+        hidden = self.lora_A(self.dropout(x))
+        if self.rank_mask is not None:  # B's per-sample gradients then see zeros on the masked ranks
+            hidden = hidden * self.rank_mask
+        return self.scaling * self.lora_B(hidden)
 
 
 def seeded_lora_pair(base: nn.Linear, rank: int, seed: int) -> tuple[nn.Linear, nn.Linear]:

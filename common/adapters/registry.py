@@ -33,6 +33,7 @@ from common.adapters.randlora import (RandLoRAConfig, RandLoRALinear, fill_peft_
 from common.adapters.salt import SALTConfig, SALTLinear, salt_trainable_count
 from common.adapters.sltrain import SLTrainConfig, SLTrainLinear, sltrain_trainable_count
 from common.adapters.smora import SMoRAConfig, SMoRALinear, smora_trainable_count
+from common.adapters.sora import SoRALinear, sora_trainable_count
 from common.adapters.svfit import SVFitConfig, svfit_linear
 from common.adapters.transformed_lora import (TransformedLoRAConfig, TransformedLoRALinear,
                                               transformed_lora_trainable_count)
@@ -65,6 +66,8 @@ class AdapterKind:
     # Each rank is its own unit (SMoRA: one expert per rank, picked by a router): strategies that re-factor
     # B A by an SVD (`reorders_ranks`, FedSVD) would rotate the ranks under the router, so they refuse it
     rank_identity_matters: bool = False
+    # What a rank is to the adapter, for that refusal's message ("each rank of adapter X <this>")
+    rank_identity_reason: str = ""
     # The adapter chooses its adapted modules from data before the run (DiffoRA): the server's public
     # split is carved out of the clients' data for it (`init-data = "public"`)
     selects_modules: bool = False
@@ -224,6 +227,17 @@ ADAPTERS: dict[str, AdapterKind] = {
         exact_averaging=False,  # bilinear in (A, B), and the router gates per token
         trainable_count=smora_trainable_count,
         rank_identity_matters=True,
+        rank_identity_reason="is one expert of its router, so the router would gate rotated ranks",
+    ),
+    "sora": AdapterKind(
+        make_config=lora_config,
+        wrap=SoRALinear,
+        trainable_factors=("lora_A", "lora_B", "sora_gate"),
+        exact_averaging=False,  # ΔW = s B diag(g) A is trilinear
+        trainable_count=sora_trainable_count,
+        rank_identity_matters=True,
+        rank_identity_reason=("has its own gate g_i, pruned to 0 by SoRA's proximal step, and an SVD of B A "
+                              "would mix the ranks under the gates (and ignore g)"),
     ),
     "transformed_lora": AdapterKind(
         make_config=lambda c: TransformedLoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names,

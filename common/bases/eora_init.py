@@ -1,20 +1,37 @@
-"""EoRA as the LoRA's starting point on the NF4 base (run config `base-init = "eora"`), on the server.
+"""EoRA as the LoRA's starting point on a quantized base (run config `base-init = "eora"`), on the server.
 
-For every LoRA layer: E = W0 - deq(Q(W0)) (the NF4 error of its base), C = Σ x xᵀ over the layer's inputs
-on the calibration data (every non-padding token), then (B, A) = EoRA(E, C, r) (`common.bases.eora`),
-re-factored into FedSVD form (A with orthonormal rows, the same product) and stored as LoRA's factors
-with B divided by the LoRA scaling s, so that s B A is EoRA's compensation and the model starts close to
-the full-precision one where the calibration activations live.
+For every LoRA layer: E = W - deq(Q) (the quantization error of its base against the same layer of the
+unquantized reference), C = Σ x xᵀ over the layer's inputs on the calibration data (every non-padding
+token), then (B, A) = EoRA(E, C, r) (`common.bases.eora`), re-factored into FedSVD form (A with
+orthonormal rows, the same product) and stored as LoRA's factors with B divided by the LoRA scaling s,
+so that s B A is EoRA's compensation and the model starts close to the reference where the calibration
+activations live. Per base (`calibration_reference`):
+- "nf4": Q = NF4(W0), reference the fp32 model; served: deq(Q) + s B A.
+- "qloram": Q = NF4(W0^P) on the pruned base, reference the pruned fp32 model (the same data-free masks);
+  E is the NF4 error of the kept weights only. The served model is the full, unpruned W0, which has no
+  NF4 error: adding the recovered s B A would add the compensation B0 A0 of an error W0 does not have. So
+  the full model gets only the trained change s (B A - B0 A0), recovered to full shapes (`trained_change`
+  then `common.bases.pruning.recover_arrays`); on the kept coordinates the full model is then
+  W0 + s (B A - B0 A0), i.e. the pruned-fp32 model plus what training added, and W0 elsewhere.
+- "lq_lora" (decision): Q stays LQ-LoRA's (data-free or Fisher-weighted), and EoRA replaces the low-rank
+  part L1 L2 of the start by the activation-weighted optimum EoRA(W0 - Q, C) for that Q. Of the two
+  readings this is the one that fits the rank: compensating the residual W0 - Q - L1 L2 on top of L1 L2
+  would need rank 2r, while for a fixed Q, EoRA is the exact minimiser of tr((W0 - Q - L) C (...)ᵀ) over
+  rank-r L, so its activation-weighted error is at most L1 L2's (a rank-r candidate). Q, hence the clients'
+  base and its checksum, does not change; the clients never see the calibration data. Served: deq(Q) + s B A.
+For "lq_lora" the inputs are those of the LQ-LoRA start (Q + L1 L2); for the others those of the quantized
+model with B = 0, i.e. the activations the adapter will see.
 
 Calibration data (decision): the server's public split (`public-examples` examples carved from the
 data before partitioning, held by no client), so it costs no privacy budget; a private calibration set
-is not offered. The inputs are those of the NF4 model itself (with the adapter still at B = 0), i.e. the
-activations the adapter will see when served. The server computes the factors once and sends them with
-the initial global state; the clients' bases do not depend on them (the base checksum is unchanged).
+is not offered. The server computes the factors once and sends them with the initial global state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,3 +87,28 @@ def eora_initialise(model: nn.Module, reference: nn.Module, data: TensorDataset,
         layer.lora_A.weight.copy_(a.to(layer.lora_A.weight))
         layer.lora_B.weight.copy_((b / layer.scaling).to(layer.lora_B.weight))
     return sorted(covariances)
+
+
+def calibration_reference(config):
+    """The run config of the unquantized model EoRA compensates towards: pruned fp32 for "qloram", else fp32."""
+    return dataclasses.replace(config, base="loram" if config.base == "qloram" else "fp32", base_init="none",
+                               lq_bits=0.0, lq_fisher="none")
+
+
+def lora_factors(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The LoRA factors of a global state (EoRA's start, B0 and A0, when taken from the initial one)."""
+    return {key: value for key, value in state.items() if ".lora_A." in key or ".lora_B." in key}
+
+
+def trained_change(state: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` with every LoRA layer of `start` holding s (B A - B0 A0) instead of s B A: B' = [B, -B0] and
+    A' = [A; A0], rank r + r0 (`common.adapters.rank_resize.fit_ranks` keeps the scaling s); other keys
+    unchanged. What the full model of a "qloram" EoRA run gets (see the module docstring)."""
+    changed = dict(state)
+    for key, a0 in start.items():
+        if ".lora_A." not in key:
+            continue
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        changed[b_key] = np.concatenate([state[b_key], -start[b_key]], axis=1)
+        changed[key] = np.concatenate([state[key], a0], axis=0)
+    return changed

@@ -9,12 +9,16 @@ Split decision: L1 = U_r Σ_r and L2 = V_rᵀ (the paper uses Σ^{1/2} on both s
 same). L2 then has orthonormal rows, so the start state is already in FedSVD form: L2 plays A (frozen on
 the clients), L1 plays B (trained under DP-SGD and averaged exactly), and the adapter starts non-zero.
 
-Data-aware variant (paper Sec. 3.3): with a diagonal Fisher F approximated as √F ≈ D_r 1 1ᵀ D_c, the
-low-rank step becomes L1 L2 = D_r⁻¹ SVD_r(D_r (W - Q) D_c) D_c⁻¹, the minimiser of the weighted error
-‖D_r (W - Q - L1 L2) D_c‖_F. Decision (the card is unsure): only the low-rank step is weighted; the
-quantization step stays the plain NF quantizer. Under DP the weights must come from public data:
-`fisher_data = "public"`; `"private"` is refused because reading the clients' data for the Fisher would
-spend privacy budget that fedlora does not account for.
+Data-aware variant (paper Sec. 3.3): minimise ‖√F ⊙ (W - Q - L1 L2)‖_F with F the diagonal empirical
+Fisher (`common.bases.fisher`). Derivation: if √F = d_r d_cᵀ (rank 1, positive), then
+Σ_ij F_ij R_ij² = Σ_ij (d_r,i R_ij d_c,j)² = ‖D_r R D_c‖_F², and since D_r, D_c are invertible, L ↦ D_r L D_c
+maps the rank-r matrices onto themselves; Eckart-Young in the scaled space gives the exact minimiser
+L1 L2 = D_r⁻¹ SVD_r(D_r (W - Q) D_c) D_c⁻¹. A measured F is not rank 1: we take d_r d_cᵀ as the best rank-1
+fit of √F (`row_col_weights`; for a rank-1 F it equals √F, as would √(r cᵀ / Σ F) from the row sums r and
+column sums c), and the step is then exact for that fit. Decision (the card is unsure): only the low-rank
+step is weighted; the quantization step stays the plain NF quantizer. Under DP the weights must come from
+public data: `fisher_data = "public"`; `"private"` is refused because reading the clients' data for the
+Fisher would spend privacy budget that fedlora does not account for.
 """
 
 from __future__ import annotations

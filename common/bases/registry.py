@@ -10,10 +10,12 @@ checksum (`common.bases.checksum`) lets the server refuse a client whose base di
 What the server serves and exports (`served`):
 - "fp32", "nf4": W0 + s B A on the full-precision weights (QLoRA's convention: B starts at 0, so the
   adapter is a pure update of W0);
-- "lq_lora", and "nf4" with `base-init = "eora"`: deq(Q) + s B A, the model that was trained (the adapter
-  started as a compensation of Q's error; adding it to W0 would count that error twice);
+- "lq_lora" (with or without `base-init = "eora"`), and "nf4" with `base-init = "eora"`: deq(Q) + s B A,
+  the model that was trained (the adapter started as a compensation of Q's error; adding it to W0 would
+  count that error twice);
 - "loram", "qloram": the full unpruned W0 + s B A with B, A recovered from the pruned space (zeros at
-  pruned positions, `common.bases.pruning.recover_arrays`).
+  pruned positions, `common.bases.pruning.recover_arrays`); "qloram" with `base-init = "eora"`: W0 + the
+  recovered trained change s (B A - B0 A0) only, B0 A0 being EoRA's start (`common.bases.eora_init`).
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ def _nf4(model: nn.Module, config: RunConfig) -> None:
 
 
 def _lq_lora(model: nn.Module, config: RunConfig) -> None:
-    """LQ-LoRA: Q + L1 L2 per LoRA layer (L1, L2 start the adapter), NF4 or the ILP's mix elsewhere."""
-    from common.bases.lq_lora_model import apply_lq_lora
+    """LQ-LoRA: Q + L1 L2 per LoRA layer (L1, L2 start the adapter), NF4 or the ILP's mix elsewhere;
+    Fisher-weighted on the public split with `lq-fisher = "public"` (every party recomputes it)."""
+    from common.bases.lq_lora_model import apply_lq_lora, public_fisher
 
-    apply_lq_lora(model, config.rank, budget=config.lq_bits, iters=config.lq_iters)
+    fisher = public_fisher(model, config) if config.lq_fisher == "public" else None
+    apply_lq_lora(model, config.rank, budget=config.lq_bits, iters=config.lq_iters, fisher=fisher)
 
 
 def _prune(model: nn.Module, config: RunConfig):
@@ -86,8 +90,12 @@ def get_base(name: str) -> BaseKind:
 
 
 def serves_compressed(config: RunConfig) -> bool:
-    """Is the served model deq(Q) + s B A (the adapter started as a compensation of Q's error)?"""
-    return config.base == "lq_lora" or config.base_init == "eora"
+    """Is the served model deq(Q) + s B A (the adapter started as a compensation of Q's error)?
+
+    Not for "qloram" with EoRA: that one serves the full W0 plus the recovered trained change
+    (`common.bases.eora_init.trained_change`), since W0 has no NF4 error to compensate.
+    """
+    return config.base == "lq_lora" or (config.base == "nf4" and config.base_init == "eora")
 
 
 def check_base(config: RunConfig) -> None:

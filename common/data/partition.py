@@ -49,6 +49,8 @@ def uses_public_split(config: RunConfig) -> bool:
 
     if config.base_init == "eora":  # EoRA's calibration set (common/bases/eora_init.py)
         return True
+    if config.base == "lq_lora" and config.lq_fisher == "public":  # LQ-LoRA's Fisher (common/bases/fisher.py)
+        return True
     return config.init_data == "public" and get_adapter(config.adapter).reads_init_data
 
 

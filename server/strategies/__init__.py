@@ -7,6 +7,7 @@ from common.errors import ConfigError
 from server.strategies.base import LoRAStrategy
 from server.strategies.fedavg_lora import FedAvgLoRA
 from server.strategies.fedsvd import FedSVD
+from server.strategies.fedsa_lora import FedSALoRA
 from server.strategies.fedsvd_het import FedSVDHet
 from server.strategies.ffa_lora import FFALoRA
 from server.strategies.flexlora import FlexLoRA
@@ -18,6 +19,7 @@ STRATEGIES: dict[str, type[LoRAStrategy]] = {
     "fedavg_lora": FedAvgLoRA,
     "ffa_lora": FFALoRA,
     "fedsvd": FedSVD,
+    "fedsa_lora": FedSALoRA,  # personalized: A shared, each client keeps its own B
     # rank-heterogeneous: clients may train different ranks (run config client-ranks, node-config rank)
     "hetlora": HetLoRA,
     "flexlora": FlexLoRA,
@@ -58,8 +60,7 @@ def check_compatible(strategy: str, adapter: str, client_ranks: tuple[int, ...] 
                       and not c.reorders_ranks and (not c.adapters or adapter in c.adapters))
         raise ConfigError(
             f"strategy {strategy!r} re-factors B A into new ranks each round, but each rank of adapter {adapter!r} "
-            f"is one expert of its router, so the router would gate rotated ranks: use strategy "
-            f"{' or '.join(repr(f) for f in fits)}"
+            f"{kind.rank_identity_reason}: use strategy {' or '.join(repr(f) for f in fits)}"
         )
 
 

@@ -3,6 +3,7 @@
 Each strategy is a Flower `FedAvg` (Message API) and changes only what differs:
 - `frozen_factors`: adapter factors clients keep fixed in a round and therefore do not send back;
 - `static_factors`: factors every party rebuilds from the run seed, so the server never sends them;
+- `personal_factors`: factors each client trains and keeps on its own disk, sent neither way (FedSA-LoRA's B);
 - `after_averaging`: a post-processing step on the new global state (FedSVD's re-orthogonalization).
 Everything here acts on the clients' DP outputs only: the server never sees raw data.
 
@@ -71,6 +72,7 @@ class LoRAStrategy(FedAvg):
 
     frozen_factors: tuple[str, ...] = ()
     static_factors: tuple[str, ...] = ()
+    personal_factors: tuple[str, ...] = ()  # trained and kept by each client, never sent (fedsa_lora.py)
     required_factors: tuple[str, ...] = ()  # adapter factors the strategy's math needs
     adapters: tuple[str, ...] = ()  # the adapters it can merge; () = any with the required factors
     rank_heterogeneous = False  # can clients train different ranks (run config client-ranks)?
@@ -194,13 +196,14 @@ class LoRAStrategy(FedAvg):
 
     # ---- what travels -------------------------------------------------------------------------
     def downlink(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The part of the global state sent to clients (static factors are rebuilt from the seed)."""
-        return {k: v for k, v in arrays.items() if factor_of(k) not in self.static_factors}
+        """The part of the global state sent to clients (static factors are rebuilt from the seed, personal
+        ones stay on each client)."""
+        return {k: v for k, v in arrays.items() if factor_of(k) not in (*self.static_factors, *self.personal_factors)}
 
     def uplink_keys(self) -> set[str]:
         """The keys a training reply must carry: everything the clients did not freeze."""
-        return {k for k in self.global_arrays
-                if factor_of(k) not in self.frozen_factors and k not in self.broadcast_keys}
+        return {k for k in self.global_arrays if factor_of(k) not in (*self.frozen_factors, *self.personal_factors)
+                and k not in self.broadcast_keys}
 
     def after_averaging(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return arrays
@@ -230,6 +233,7 @@ class LoRAStrategy(FedAvg):
         nodes = self._sample(grid, server_round)
         config["server-round"] = server_round
         config["frozen"] = ",".join(self.frozen_factors)
+        config["personal"] = ",".join(self.personal_factors)
         config["run-dir"] = self.run_dir
         config["fold"] = int(self.fold_global)
         self.prepare_round(grid, nodes)
@@ -252,6 +256,7 @@ class LoRAStrategy(FedAvg):
         nodes = self._sample(grid, server_round, all_nodes=True)
         config["server-round"] = server_round
         config["run-dir"] = self.run_dir
+        config["personal"] = ",".join(self.personal_factors)  # clients evaluate with their own personal factors
         record = RecordDict({"arrays": to_record(self.downlink(from_record(arrays))), "config": config})
         return self._construct_messages(record, nodes, MessageType.EVALUATE)
 
