@@ -238,6 +238,12 @@ def travelling_update(model: nn.Module, originals: dict[str, torch.Tensor], glob
     return payload, kept
 
 
+# The strategies whose update LoKU can send as an ordinary reply, and the factors each keeps frozen on the
+# clients (server/strategies: FFA-LoRA and FedSVD train B only). `client` never imports `server`, so the
+# table is here; tests/test_loku.py checks it against the strategies' own `frozen_factors`.
+LOKU_FROZEN_FACTORS = {"fedavg_lora": (), "ffa_lora": ("lora_A",), "fedsvd": ("lora_A",)}
+
+
 def loku_round(config: RunConfig, client_id: str, partition_id: int, num_partitions: int, ledger_dir: Path,
                global_arrays: dict[str, np.ndarray]) -> LokuOutcome:
     """The leaving client's LoKU round on its own training split, charged to its ledger as round num-rounds + 1."""
@@ -246,12 +252,11 @@ def loku_round(config: RunConfig, client_id: str, partition_id: int, num_partiti
     from common.model import build_model, pick_device
     from common.payload import load_state
     from common.tensors import encode
-    from server.strategies import get_strategy
 
-    if config.adapter != "lora" or get_strategy(config.strategy).rank_heterogeneous:
-        raise ConfigError(f"LoKU works on adapter = 'lora' with fedavg_lora, ffa_lora or fedsvd; this run has adapter "
-                          f"{config.adapter!r}, strategy {config.strategy!r}")
-    frozen = get_strategy(config.strategy).frozen_factors
+    if config.adapter != "lora" or config.strategy not in LOKU_FROZEN_FACTORS:
+        raise ConfigError(f"LoKU works on adapter = 'lora' with {', '.join(LOKU_FROZEN_FACTORS)}; this run has "
+                          f"adapter {config.adapter!r}, strategy {config.strategy!r}")
+    frozen = LOKU_FROZEN_FACTORS[config.strategy]
     loku_number = config.num_rounds + 1
     ledger = PrivacyLedger(Path(ledger_dir) / f"client-{client_id}.json", client_id,
                            config.target_epsilon + config.unlearn_epsilon, config.delta, config.accountant)

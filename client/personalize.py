@@ -48,6 +48,9 @@ class PersonalOutcome:
     arrays: dict[str, np.ndarray]  # the personal LoRA and head, on top of the folded global
     metrics: dict
 
+# Measured once (README, Personalization): 30 steps at 0.003 took client 0 from 0.165 to 0.661 local accuracy.
+DEFAULT_LR = 0.003
+
 
 def check_personalizable(config: RunConfig) -> None:
     """Folding the global into the base needs plain LoRA factors and a base stored in full precision."""
@@ -157,13 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client", required=True, help="client id (= partition id in simulations)")
     parser.add_argument("--num-clients", type=int, required=True, help="number of partitions of the federation")
     parser.add_argument("--steps", type=int, default=30, help="local training steps (default 30)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the run's lr)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help=f"learning rate (default {DEFAULT_LR}: without DP noise the run's 0.03 is too high)")
     parser.add_argument("--dp", action="store_true", help="train under DP-SGD and charge the client's ledger")
     parser.add_argument("--dp-epsilon", type=float, default=1.0,
                         help="with --dp: epsilon it may spend beyond target-epsilon (default 1.0)")
     parser.add_argument("--ledger-dir", type=Path, help="where the client's ledger is (default RUN_DIR/ledgers)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or not 0 <= args.dp_epsilon < math.inf or (args.lr is not None and not args.lr > 0):
+    if args.steps < 1 or not 0 <= args.dp_epsilon < math.inf or not args.lr > 0:
         raise ConfigError("--steps must be >= 1, --lr > 0 and --dp-epsilon >= 0 (finite)")
     config_path = args.run_dir / "run_config.json"
     if not config_path.is_file() or not (args.run_dir / "adapter.safetensors").is_file():
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     config = RunConfig.from_flower(json.loads(config_path.read_text()))
     outcome = personalize(config, args.run_dir, args.client, int(args.client), args.num_clients,
                           args.ledger_dir or args.run_dir / "ledgers", steps=args.steps,
-                          lr=args.lr if args.lr is not None else config.lr, dp=args.dp, dp_epsilon=args.dp_epsilon)
+                          lr=args.lr, dp=args.dp, dp_epsilon=args.dp_epsilon)
     out = args.run_dir / PERSONAL
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"client-{args.client}.safetensors"

@@ -153,7 +153,7 @@ def with_stored_contributions(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
     from server.strategies.user_dp import UserLevelDP, is_linear
 
     if not is_linear(cls) or issubclass(cls, UserLevelDP):
-        linear = sorted(name for name, c in STRATEGIES.items() if is_linear(c))
+        linear = sorted(name for name, c in STRATEGIES.items() if is_linear(c) and not c.personal_factors)
         name = next((n for n, c in STRATEGIES.items() if c is cls), cls.__name__)
         why = ("adds server-side noise (user-level DP) that is not stored" if issubclass(cls, UserLevelDP)
                else "is not a weighted mean of the client payloads")

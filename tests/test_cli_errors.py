@@ -27,7 +27,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
 
 
 @pytest.mark.parametrize("override,fragment", [
-    ('strategy="fedprox_lora"', "unknown strategy 'fedprox_lora'; available: fedavg_lora, fedsvd, fedsvd_het, "
+    ('strategy="fedprox_lora"', "unknown strategy 'fedprox_lora'; available: fedavg_lora, fedsa_lora, fedsvd, fedsvd_het, "
                                 "ffa_lora, flexlora, flora, hetlora, lora_lego"),
     ('client-ranks="4,16"', "client-ranks = '4,16' has a rank above rank = 8"),
     ('client-ranks="4,8"', "client-ranks needs a rank-heterogeneous strategy, and 'fedsvd' is not one"),

@@ -180,3 +180,11 @@ def test_membership_auc_is_the_brute_force_pair_count():
     assert membership_auc(members, others) == pytest.approx(np.mean(pairs))
     assert membership_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and membership_auc([1.0], [1.0]) == 0.5
     assert math.isnan(membership_auc([], [1.0]))
+
+
+def test_lokus_strategy_table_matches_the_strategies_frozen_factors():
+    from client.loku import LOKU_FROZEN_FACTORS
+    from server.strategies import STRATEGIES
+
+    for name, frozen in LOKU_FROZEN_FACTORS.items():
+        assert STRATEGIES[name].frozen_factors == frozen and not STRATEGIES[name].rank_heterogeneous
