@@ -46,14 +46,13 @@ class InProcessFederation:
         return replies
 
 
-@pytest.fixture(scope="module")
-def qloram_run(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("qloram")
+def run_in_process(directory, **settings) -> tuple:
+    """One DP round of the real ServerApp `run()` with two real ClientApp nodes; (run dir, run config)."""
     data = write_toy_csv(directory)
-    run_config = RunConfig(dataset=str(data), examples_per_class=0, num_rounds=1, clients_per_round=2,
-                           local_steps=2, batch_size=8, max_seq_len=16, target_epsilon=8.0, rank=4,
-                           strategy="fedsvd", base="qloram", prune_ratio=0.5, partitioner="iid",
-                           run_dir=str(directory / "run")).to_flower()
+    run_config = RunConfig(**{**dict(dataset=str(data), examples_per_class=0, num_rounds=1, clients_per_round=2,
+                                     local_steps=2, batch_size=8, max_seq_len=16, target_epsilon=8.0, rank=4,
+                                     strategy="fedsvd", base="qloram", prune_ratio=0.5, partitioner="iid",
+                                     run_dir=str(directory / "run")), **settings}).to_flower()
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     try:
@@ -62,6 +61,29 @@ def qloram_run(tmp_path_factory):
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return run_dir, RunConfig.from_flower(run_config)
+
+
+@pytest.fixture(scope="module")
+def qloram_run(tmp_path_factory):
+    return run_in_process(tmp_path_factory.mktemp("qloram"))
+
+
+@pytest.mark.slow  # in-process federated DP rounds on the real MiniLM, with the public split's data-aware bases
+@pytest.mark.parametrize("settings", [dict(base="qloram", base_init="eora", public_examples=24),
+                                      dict(base="nf4", base_init="eora", public_examples=24),
+                                      dict(base="lq_lora", lq_fisher="public", public_examples=24)],
+                         ids=["qloram-eora", "nf4-eora", "lq_lora-fisher"])
+def test_data_aware_bases_train_a_dp_round_and_export(tmp_path, settings):
+    from server.bases import load_start
+
+    run_dir, config = run_in_process(tmp_path, **settings)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["faults"] == [] and metrics["rounds"][1]["clients-trained"] == 2
+    assert 0 < metrics["rounds"][1]["epsilon-max"] <= 8.0
+    assert metrics["base"]["init"] == settings.get("base_init", "none")
+    exported = adapted_with(config, load_file(str(run_dir / "adapter.safetensors")), ["a", "b", "c"],
+                            start=load_start(config, run_dir))
+    assert not any(isinstance(m, QuantizedLinear) for m in exported.model.modules())
 
 
 @pytest.mark.slow  # one in-process federated run on the real MiniLM: ~40 s on 2 cores

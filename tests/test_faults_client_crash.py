@@ -134,6 +134,7 @@ def test_a_crash_inside_a_step_counts_that_step(config, tmp_path, monkeypatch):
 
 KILLED_MID_ROUND = """
 import os, signal
+from math import inf  # the repr of an infinite setting (user-target-epsilon)
 from pathlib import Path
 from client.train_round import ClientIdentity, train_round
 from common.config import RunConfig
