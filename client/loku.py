@@ -45,9 +45,9 @@ from common.adapters.lora import LoRALinear
 from common.config import RunConfig
 from common.errors import ConfigError, FedloraError, exit_on_user_error
 from common.privacy import PrivacyLedger, PrivacyStep, poisson_sample_rate
+from common.privacy.ledger import noise_within_budget
 from common.tensors import trim
 
-NOISE_SEARCH = (0.3, 200.0)
 
 
 def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -162,28 +162,13 @@ def project_update(delta: np.ndarray, scaling: float, rank: int, frozen_a: np.nd
 def calibrate_loku_noise(ledger: PrivacyLedger, loku_round: int, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (one for the Fisher step and the training steps) whose whole history stays
     within the ledger's target; ConfigError if even a very large one does not fit."""
-    def fits(sigma: float) -> bool:
-        rows = [PrivacyStep(loku_round, sigma, 1.0, 1), PrivacyStep(loku_round, sigma, sample_rate, steps)]
-        return _allows(ledger, rows)
-
-    low, high = NOISE_SEARCH
-    if not fits(high):
+    noise = noise_within_budget(ledger, lambda sigma: [PrivacyStep(loku_round, sigma, 1.0, 1),
+                                                       PrivacyStep(loku_round, sigma, sample_rate, steps)])
+    if noise is None:
         raise ConfigError(f"client {ledger.client_id}: LoKU does not fit the budget: epsilon {ledger.epsilon():.3f} is "
                           f"already spent of target {ledger.target_epsilon:g} (target-epsilon + unlearn-epsilon); "
                           "raise unlearn-epsilon")
-    if fits(low):
-        return low
-    while high / low > 1.01:
-        mid = math.sqrt(low * high)
-        low, high = (low, mid) if fits(mid) else (mid, high)
-    return high
-
-
-def _allows(ledger: PrivacyLedger, rows: list[PrivacyStep]) -> bool:
-    from common.privacy.accounting import epsilon_of
-    from common.privacy.ledger import BUDGET_SLACK
-
-    return epsilon_of([*ledger.history, *rows], ledger.delta, ledger.accountant) <= ledger.target_epsilon + BUDGET_SLACK
+    return noise
 
 
 @dataclass

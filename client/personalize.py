@@ -36,10 +36,8 @@ from client.personal_state import personal_path, read_personal
 from common.config import RunConfig
 from common.errors import ConfigError, FedloraError, exit_on_user_error
 from common.privacy import PrivacyLedger, PrivacyStep, poisson_sample_rate
-from common.privacy.accounting import epsilon_of
-from common.privacy.ledger import BUDGET_SLACK
+from common.privacy.ledger import noise_within_budget
 
-NOISE_SEARCH = (0.3, 200.0)
 PERSONAL = "personal"
 
 
@@ -81,21 +79,12 @@ def personalized_model(config: RunConfig, global_arrays: dict[str, np.ndarray], 
 
 def calibrate_personal_noise(ledger: PrivacyLedger, step_round: int, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier (to 1%) whose row keeps the ledger's whole history within its target."""
-    def fits(sigma: float) -> bool:
-        rows = [*ledger.history, PrivacyStep(step_round, sigma, sample_rate, steps)]
-        return epsilon_of(rows, ledger.delta, ledger.accountant) <= ledger.target_epsilon + BUDGET_SLACK
-
-    low, high = NOISE_SEARCH
-    if not fits(high):
+    noise = noise_within_budget(ledger, lambda sigma: [PrivacyStep(step_round, sigma, sample_rate, steps)])
+    if noise is None:
         raise ConfigError(f"client {ledger.client_id}: DP personalization does not fit the budget: epsilon "
                           f"{ledger.epsilon():.3f} is already spent of {ledger.target_epsilon:g} (target-epsilon + "
                           f"--dp-epsilon); raise --dp-epsilon or fewer --steps")
-    if fits(low):
-        return low
-    while high / low > 1.01:
-        mid = math.sqrt(low * high)
-        low, high = (low, mid) if fits(mid) else (mid, high)
-    return high
+    return noise
 
 
 def personalize(config: RunConfig, run_dir: Path, client_id: str, partition_id: int, num_partitions: int,

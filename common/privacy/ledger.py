@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from common.errors import LedgerError, exit_on_user_error
 from common.privacy.accounting import PrivacyStep, epsilon_of
@@ -231,3 +233,26 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Where `noise_within_budget` searches: below 0.3 a few rows already spend any sane budget, above 200 the
+# rows add next to nothing (the same bracket for every extra step a client takes after the run).
+EXTRA_NOISE_SEARCH = (0.3, 200.0)
+
+
+def noise_within_budget(ledger: PrivacyLedger, extra_rows: Callable[[float], list[PrivacyStep]]) -> float | None:
+    """The smallest noise multiplier (to 1%) at which the ledger's history plus `extra_rows(sigma)` stays
+    within its target, or None if even the largest in EXTRA_NOISE_SEARCH does not fit (LoKU, personalization)."""
+    def fits(sigma: float) -> bool:
+        rows = [*ledger.history, *extra_rows(sigma)]
+        return epsilon_of(rows, ledger.delta, ledger.accountant) <= ledger.target_epsilon + BUDGET_SLACK
+
+    low, high = EXTRA_NOISE_SEARCH
+    if not fits(high):
+        return None
+    if fits(low):
+        return low
+    while high / low > 1.01:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
