@@ -42,8 +42,8 @@ from torch.utils.data import TensorDataset
 
 from client.dp_training import DPSettings, fresh_generator, train_locally
 from common.adapters.lora import LoRALinear
-from common.config import RunConfig
-from common.errors import ConfigError, FedloraError, exit_on_user_error
+from common.config import RunConfig, finished_run_config
+from common.errors import ConfigError, exit_on_user_error
 from common.privacy import PrivacyLedger, PrivacyStep, poisson_sample_rate
 from common.privacy.ledger import noise_within_budget
 from common.tensors import trim
@@ -281,10 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-clients", type=int, required=True, help="number of partitions of the federation")
     parser.add_argument("--ledger-dir", type=Path, help="where the client's ledger is (default RUN_DIR/ledgers)")
     args = parser.parse_args(argv)
-    config_path = args.run_dir / "run_config.json"
-    if not config_path.is_file():
-        raise FedloraError(f"{config_path} not found: give the directory of a finished run")
-    config = RunConfig.from_flower(json.loads(config_path.read_text()))
+    config = finished_run_config(args.run_dir, "adapter.safetensors")
     global_arrays = load_file(str(args.run_dir / "adapter.safetensors"))
     outcome = loku_round(config, args.client, int(args.client), args.num_clients,
                          args.ledger_dir or args.run_dir / "ledgers", global_arrays)

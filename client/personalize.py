@@ -33,8 +33,8 @@ import numpy as np
 
 from client.dp_training import DPSettings, train_locally
 from client.personal_state import personal_path, read_personal
-from common.config import RunConfig
-from common.errors import ConfigError, FedloraError, exit_on_user_error
+from common.config import RunConfig, finished_run_config
+from common.errors import ConfigError, exit_on_user_error
 from common.privacy import PrivacyLedger, PrivacyStep, poisson_sample_rate
 from common.privacy.ledger import noise_within_budget
 
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or not 0 <= args.dp_epsilon < math.inf or not args.lr > 0:
         raise ConfigError("--steps must be >= 1, --lr > 0 and --dp-epsilon >= 0 (finite)")
-    config_path = args.run_dir / "run_config.json"
-    if not config_path.is_file() or not (args.run_dir / "adapter.safetensors").is_file():
-        raise FedloraError(f"{args.run_dir} has no run_config.json and adapter.safetensors: give the directory of a "
-                           "finished run")
-    config = RunConfig.from_flower(json.loads(config_path.read_text()))
+    config = finished_run_config(args.run_dir, "adapter.safetensors")
     outcome = personalize(config, args.run_dir, args.client, int(args.client), args.num_clients,
                           args.ledger_dir or args.run_dir / "ledgers", steps=args.steps,
                           lr=args.lr, dp=args.dp, dp_epsilon=args.dp_epsilon)

@@ -7,11 +7,12 @@ message that names the key and says what would be accepted.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from common.errors import ConfigError, FedloraError
 
 PARTITIONERS = ("iid", "dirichlet")
 ACCOUNTANTS = ("rdp", "prv")
@@ -231,6 +232,21 @@ class RunConfig:
                             "compensate"}[self.base]
             raise ConfigError(f"base-init = 'eora' needs a quantized base (nf4, qloram or lq_lora): base = "
                               f"{self.base!r} {why}")
+
+
+RUN_CONFIG_FILE = "run_config.json"  # what the ServerApp writes into every run directory
+
+
+def finished_run_config(run_dir, *needed: str) -> RunConfig:
+    """The run config of a finished run; FedloraError naming every missing file (run_config.json and `needed`)
+    for the commands that work on a run directory afterwards (export, merge, audit, unlearning, ...)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    missing = [name for name in (RUN_CONFIG_FILE, *needed) if not (run_dir / name).is_file()]
+    if missing:
+        raise FedloraError(f"{run_dir} lacks {', '.join(missing)}: give the run directory of a finished run")
+    return RunConfig.from_flower(json.loads((run_dir / RUN_CONFIG_FILE).read_text()))
 
 
 def _positive(v) -> bool:

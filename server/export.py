@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common.config import RunConfig
-from common.errors import FedloraError, exit_on_user_error
+from common.config import RunConfig, finished_run_config
+from common.errors import exit_on_user_error
 from common.export import adapted_with, export_merged, export_peft
 from server.bases import load_start
 
@@ -25,11 +25,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, dict, list[str]]:
     """The run config, the final global arrays and the label names a finished run left behind."""
     from safetensors.numpy import load_file
 
-    needed = ["run_config.json", "adapter.safetensors", "labels.json"]
-    missing = [name for name in needed if not (run_dir / name).is_file()]
-    if missing:
-        raise FedloraError(f"{run_dir} lacks {', '.join(missing)}: give the run directory of a finished run")
-    config = RunConfig.from_flower(json.loads((run_dir / "run_config.json").read_text()))
+    config = finished_run_config(run_dir, "adapter.safetensors", "labels.json")
     return config, load_file(str(run_dir / "adapter.safetensors")), json.loads((run_dir / "labels.json").read_text())
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.config import RunConfig
+from common.config import finished_run_config
 from common.errors import FedloraError, exit_on_user_error
 from common.ranks import config_for_rank
 from server.aggregation import A_SUFFIX, lora_layer_keys, mean_of_non_lora
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the run's rank)")
     parser.add_argument("--out", type=Path, help="output directory (default RUN_DIR/merged-<method>)")
     args = parser.parse_args(argv)
-    config_file = args.run_dir / "run_config.json"
-    if not config_file.is_file():
-        raise FedloraError(f"{args.run_dir} has no run_config.json: give the run directory of a finished run")
-    config = RunConfig.from_flower(json.loads(config_file.read_text()))
+    config = finished_run_config(args.run_dir)
     rank = args.rank or config.rank
     if rank < 1:
         raise FedloraError(f"--rank = {rank} is invalid: give an integer >= 1")

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from common.config import RunConfig
+from common.config import RunConfig, finished_run_config
 from common.errors import ConfigError, FedloraError, exit_on_user_error
 from server.contributions import RoundContribution, load_history
 from server.strategies import get_strategy
@@ -132,10 +132,7 @@ def strategy_for(config: RunConfig, run_dir: Path) -> LoRAStrategy:
 
 
 def run_config_of(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "run_config.json"
-    if not path.is_file():
-        raise FedloraError(f"{path} not found: give the directory of a finished run")
-    return RunConfig.from_flower(json.loads(path.read_text()))
+    return finished_run_config(run_dir)
 
 
 def local_retrain(config: RunConfig, run_dir: Path, num_clients: int) -> Retrain:

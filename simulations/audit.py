@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common.adapters.rank_resize import fit_ranks
-from common.config import RunConfig
+from common.config import RunConfig, finished_run_config
 from common.errors import ConfigError, FedloraError, exit_on_user_error
 from common.evaluation import per_example_losses
 from common.model import build_model, pick_device
@@ -88,11 +88,7 @@ def canary_losses(config: RunConfig, run_dir: Path, labels: list[str]) -> tuple[
 
 
 def _run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "run_config.json"
-    for needed in (path, run_dir / "adapter.safetensors", run_dir / REPORT_JSON, run_dir / "labels.json"):
-        if not needed.is_file():
-            raise FedloraError(f"{needed} not found: give the directory of a finished run")
-    return RunConfig.from_flower(json.loads(path.read_text()))
+    return finished_run_config(run_dir, "adapter.safetensors", REPORT_JSON, "labels.json")
 
 
 @exit_on_user_error

@@ -142,6 +142,19 @@ def calibrate_noise_multiplier(
     return high
 
 
+def noise_or_inf(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """`calibrate_noise_multiplier`, or inf where even NOISE_SEARCH_LIMIT misses the target (plan checks)."""
+    try:
+        return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+    except ValueError:
+        return math.inf
+
+
+def describe_needed_noise(noise: float) -> str:
+    """How a refusal names the noise a plan needs: the value, or "more than" the search limit."""
+    return f"more than {NOISE_SEARCH_LIMIT:g}" if math.isinf(noise) else f"{noise:.3g}"
+
+
 def _log_interpolated_root(low: float, f_low: float, high: float, f_high: float) -> float:
     """Where the line through (log low, f_low) and (log high, f_high) crosses 0 (geometric mean if undefined)."""
     if not (math.isfinite(f_low) and math.isfinite(f_high)) or f_low == f_high:

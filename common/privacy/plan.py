@@ -12,7 +12,7 @@ import math
 from common.adapters.registry import private_init_steps
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import NOISE_SEARCH_LIMIT, calibrate_noise_multiplier, poisson_sample_rate
+from common.privacy.accounting import describe_needed_noise, noise_or_inf, poisson_sample_rate
 
 MAX_NOISE_MULTIPLIER = 50.0
 """The most noise a calibrated run may need. Each DP-SGD step adds noise of std sigma * C, along every
@@ -50,12 +50,9 @@ def check_privacy_plan(config: RunConfig, num_examples: int) -> None:
         return
     rate = poisson_sample_rate(num_examples, config.batch_size)
     steps = planned_dp_steps(config)
-    try:
-        noise = calibrate_noise_multiplier(config.target_epsilon, config.delta, rate, steps, config.accountant)
-    except ValueError:
-        noise = math.inf
+    noise = noise_or_inf(config.target_epsilon, config.delta, rate, steps, config.accountant)
     if noise > MAX_NOISE_MULTIPLIER:
-        needed = f"more than {NOISE_SEARCH_LIMIT:g}" if math.isinf(noise) else f"{noise:.3g}"
+        needed = describe_needed_noise(noise)
         raise ConfigError(
             f"target-epsilon = {config.target_epsilon:g} cannot be met sensibly: {steps} planned DP steps "
             f"(planned rounds x local-steps) at sample rate {rate:.3g} (n = {num_examples}) need a noise "

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from common.errors import ConfigError
-from common.privacy.accounting import NOISE_SEARCH_LIMIT, PrivacyStep, calibrate_noise_multiplier, epsilon_of
+from common.privacy.accounting import PrivacyStep, describe_needed_noise, epsilon_of, noise_or_inf
 
 # Over the whole update, noise of std σ_u C_u per coordinate against a sum of m updates of norm <= C_u:
 # beyond this the noise on the mean is many times any signal (the same bound as sample level, plan.py).
@@ -91,12 +91,9 @@ def check_user_delta(delta: float, population: int) -> None:
 def user_noise_multiplier(target_epsilon: float, delta: float, rate: float, rounds: int, accountant: str) -> float:
     """The smallest σ_u meeting `target_epsilon` over `rounds` releases at rate q; ConfigError if above
     MAX_USER_NOISE_MULTIPLIER (noise that drowns every update)."""
-    try:
-        noise = calibrate_noise_multiplier(target_epsilon, delta, rate, rounds, accountant)
-    except ValueError:
-        noise = math.inf
+    noise = noise_or_inf(target_epsilon, delta, rate, rounds, accountant)
     if noise > MAX_USER_NOISE_MULTIPLIER:
-        needed = f"more than {NOISE_SEARCH_LIMIT:g}" if math.isinf(noise) else f"{noise:.3g}"
+        needed = describe_needed_noise(noise)
         raise ConfigError(
             f"user-target-epsilon = {target_epsilon:g} cannot be met sensibly: {rounds} rounds at client sampling "
             f"rate q = {rate:.3g} need a user-level noise multiplier of {needed}, above "
