@@ -15,6 +15,9 @@
     partitioner = ["iid", "dirichlet"]
     seed = [0, 1, 2]
 
+    [sweep.when.strategy.fedavg_lora]  # extra keys for the cells (references included) whose strategy is
+    lr = 0.003                         # fedavg_lora: a setting tuned per strategy, not crossed with the grid
+
 Every cell's run config is validated (`RunConfig.from_flower`, the strategy/adapter check) before the
 first cell starts, so a typo costs a second, not a half-finished sweep.
 """
@@ -67,6 +70,7 @@ class Sweep:
     results: Path
     fixed: dict
     grid: dict[str, list] = field(default_factory=dict)
+    when: dict[str, dict[str, dict]] = field(default_factory=dict)  # key -> value -> extra run-config keys
 
     def cells(self) -> list[Cell]:
         """The grid's cells (product of the grid's values, in file order), then the reference cells."""
@@ -77,7 +81,18 @@ class Sweep:
             seeds = self.grid.get("seed", [self.fixed.get("seed", RunConfig.seed)])
             for seed in seeds:
                 cells.append(reference_cell(self, seed))
-        return cells
+        return [self._with_when(cell) for cell in cells]
+
+    def _with_when(self, cell: Cell) -> Cell:
+        """Add the [sweep.when.KEY.VALUE] keys of every KEY = VALUE the cell has (a cell without a match keeps
+        its overrides, so its id, and a finished row, stay valid)."""
+        extra = {}
+        for key, by_value in self.when.items():
+            if key in cell.overrides:
+                extra.update(by_value.get(_short(cell.overrides[key]), {}))
+        if not extra:
+            return cell
+        return Cell({**cell.overrides, **extra}, cell.num_clients, cell.kind)
 
 
 def reference_cell(sweep: Sweep, seed) -> Cell:
@@ -106,8 +121,8 @@ def load_sweep(path: Path) -> Sweep:
     sweep = data.get("sweep")
     if not isinstance(sweep, dict):
         raise ConfigError(f"sweep file {path} needs a [sweep] table (with [sweep.grid] and [sweep.fixed])")
-    grid, fixed = sweep.get("grid", {}), sweep.get("fixed", {})
-    settings = {k: v for k, v in sweep.items() if k not in ("grid", "fixed")}
+    grid, fixed, when = sweep.get("grid", {}), sweep.get("fixed", {}), sweep.get("when", {})
+    settings = {k: v for k, v in sweep.items() if k not in ("grid", "fixed", "when")}
     unknown = sorted(set(settings) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"unknown [sweep] key(s) {', '.join(unknown)}; known: {', '.join(sorted(SWEEP_KEYS))}")
@@ -129,9 +144,31 @@ def load_sweep(path: Path) -> Sweep:
         raise ConfigError(f"[sweep] delta = {delta!r} must be \"auto\" or a number in (0, 1)")
     if "delta" in grid or "delta" in fixed:
         raise ConfigError("set delta in [sweep] (\"auto\" or a number), not in the grid or fixed keys")
+    _check_when(when, grid, fixed)
     results = Path(settings.get("results", Path("results") / f"{Path(path).stem}.jsonl"))
     return Sweep(path=Path(path), num_clients=num_clients, delta=delta, reference=bool(settings.get("reference", False)),
-                 results=results, fixed=dict(fixed), grid=dict(grid))
+                 results=results, fixed=dict(fixed), grid=dict(grid), when=when)
+
+
+def _check_when(when, grid: dict, fixed: dict) -> None:
+    """[sweep.when.KEY.VALUE] tables: KEY is a grid key, VALUE one of its values, and the extra keys are neither
+    varied by the grid nor fixed (one place per setting)."""
+    if not isinstance(when, dict):
+        raise ConfigError("[sweep.when] must be tables [sweep.when.KEY.VALUE] of extra run-config keys")
+    for key, by_value in when.items():
+        if key not in grid:
+            raise ConfigError(f"[sweep.when.{key}]: {key} is not a [sweep.grid] key ({', '.join(grid)})")
+        if not isinstance(by_value, dict) or not all(isinstance(v, dict) for v in by_value.values()):
+            raise ConfigError(f"[sweep.when.{key}] must hold tables [sweep.when.{key}.VALUE] of run-config keys")
+        values = {_short(v) for v in grid[key]}
+        for value, extra in by_value.items():
+            if value not in values:
+                raise ConfigError(f"[sweep.when.{key}.{value}]: {value} is not among {key}'s grid values "
+                                  f"({', '.join(sorted(values))})")
+            clash = sorted(set(extra) & (set(grid) | set(fixed) | {"run-dir", "delta"}))
+            if clash:
+                raise ConfigError(f"[sweep.when.{key}.{value}] sets {', '.join(clash)}, which the grid, "
+                                  "[sweep.fixed] or the sweep itself already sets")
 
 
 def check_cells(cells: list[Cell], defaults: dict) -> None:

@@ -61,6 +61,29 @@ def test_the_grid_is_the_product_in_file_order_plus_one_reference_per_seed(sweep
     assert [c.id for c in load_sweep(sweep_file).cells()] == [c.id for c in cells]  # ids are stable
 
 
+def test_when_tables_add_keys_to_matching_cells_only_and_keep_the_others_ids(sweep_file):
+    before = {c.id for c in load_sweep(sweep_file).cells()}
+    sweep_file.write_text(sweep_file.read_text() + "\n[sweep.when.strategy.ffa_lora]\nlr = 0.003\n")
+    cells = load_sweep(sweep_file).cells()
+    ffa = [c for c in cells if c.overrides.get("strategy") == "ffa_lora"]
+    others = [c for c in cells if c.overrides.get("strategy") != "ffa_lora"]
+    assert len(ffa) == 4 and all(c.overrides["lr"] == 0.003 for c in ffa)
+    assert all("lr" not in c.overrides for c in others)
+    assert {c.id for c in others} <= before and not ({c.id for c in ffa} & before)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[sweep.when.adapter.lora]\nlr = 1\n", "adapter is not a [sweep.grid] key"),
+    ("[sweep.when.strategy.fedavg]\nlr = 1\n", "fedavg is not among strategy's grid values"),
+    ("[sweep.when.strategy.fedsvd]\nseed = 1\n", "sets seed, which the grid"),
+    ("[sweep.when.strategy]\nfedsvd = 1\n", "must hold tables"),
+])
+def test_bad_when_tables_are_one_line_errors(sweep_file, extra, message):
+    sweep_file.write_text(sweep_file.read_text() + "\n" + extra)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_sweep(sweep_file)
+
+
 def test_resume_skips_finished_cells_and_retries_failed_ones(sweep_file):
     sweep = load_sweep(sweep_file)
     cells = sweep.cells()
