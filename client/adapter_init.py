@@ -1,4 +1,4 @@
-"""A client's part of a private data-driven init (run config `init-data = "private"`, LoRA-SB).
+"""A client's part of a private data-driven init (run config `init-data = "private"`: LoRA-SB, LoRA-GA).
 
 One DP-SGD step on the full weights of the adapted layers: Poisson batch, per-sample clipping, Gaussian
 noise, exactly as a training step and charged to the ledger as round 0 (the noise calibration counts

@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.adapter_init import init_round
+from client.loku import loku_round
 from client.train_round import ClientIdentity, TrainOutcome, evaluate_round, train_round
 from common.config import RunConfig
 from common.errors import FedloraError
@@ -34,10 +35,13 @@ def identity_of(context: Context, run_dir: str) -> ClientIdentity:
                           run_dir=run_dir)
 
 
-def node_run_config(context: Context) -> RunConfig:
+def node_run_config(context: Context, settings: ConfigRecord | None = None) -> RunConfig:
     """The run config as this node applies it: node-config `dataset` (an organisation's own data file,
-    deployment) replaces the run config's, so each organisation's data stays on its own node."""
-    config = RunConfig.from_flower(context.run_config)
+    deployment) replaces the run config's, so each organisation's data stays on its own node. An unlearning
+    run's instructions carry the finished run's settings (`run-config`, JSON; server/unlearn_federated.py):
+    a replayed or LoKU round trains as that run did, not with the unlearning run's defaults."""
+    sent = settings.get("run-config") if settings is not None else None
+    config = RunConfig.from_flower(json.loads(str(sent)) if sent else context.run_config)
     dataset = context.node_config.get("dataset")
     return dataclasses.replace(config, dataset=str(dataset)) if dataset else config
 
@@ -64,8 +68,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def train_reply(msg: Message, context: Context) -> Message:
     started = time.time()
-    config = node_run_config(context)
     settings = msg.content["config"]
+    config = node_run_config(context, settings)
     identity = identity_of(context, str(settings["run-dir"]))
     frozen = factor_names(settings, "frozen")
     # The server may ask for less than the client's own rank (HetLoRA's rank pruning), never for more.
@@ -106,6 +110,27 @@ def adapter_init(msg: Message, context: Context) -> Message:
         return error_reply(msg, err)
     log.info("client %s: init step, epsilon %.3f", identity.client_id, outcome.metrics["epsilon"])
     return reply(msg, config, identity, outcome)
+
+
+@app.train("loku")
+def loku(msg: Message, context: Context) -> Message:
+    """The leaving client's LoKU round (server/unlearn_federated.py): forget this node's data under DP-SGD,
+    charged to its own ledger, and reply the result as an ordinary update."""
+    settings = msg.content["config"]
+    try:
+        config = node_run_config(context, settings)
+        identity = identity_of(context, str(settings["run-dir"]))
+        if identity.client_id != str(settings.get("unlearn-client", "")):
+            raise FedloraError(f"LoKU was asked of client {settings.get('unlearn-client')!r}; this node is client "
+                               f"{identity.client_id!r}")
+        outcome = loku_round(config, identity.client_id, identity.partition_id, identity.num_partitions,
+                             identity.ledger_dir, from_record(msg.content["arrays"]))
+    except FedloraError as err:
+        return error_reply(msg, err)
+    m = outcome.metrics
+    log.info("client %s: LoKU round %s, %d DP steps, IHL %.3f -> %.3f, epsilon %.3f of %g", identity.client_id,
+             m["round"], m["steps"], m["first-loss"], m["train-loss"], m["epsilon"], m["epsilon-budget"])
+    return reply(msg, config, identity, TrainOutcome(arrays=outcome.payload, metrics=m, ledger=outcome.ledger))
 
 
 def reply(msg: Message, config: RunConfig, identity: ClientIdentity, outcome: TrainOutcome) -> Message:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.config import RunConfig
 from common.tensors import trim
-from common.training import StepPiece, get_update_rule, privatize_then_update
+from common.training import StepPiece, base_model_logits, get_update_rule, privatize_then_update
 from common.training.update_rules import OptimizerFactory
 
 
@@ -39,6 +39,7 @@ class LocalResult:
     mean_loss: float
     first_loss: float
     sample_rate: float
+    optimizer_state_bytes: int = 0  # the update rule's state (Adam's moments, GaLore's projected ones, ...)
 
 
 def fresh_generator(device: torch.device, seed: int | None = None) -> torch.Generator:
@@ -65,9 +66,10 @@ def train_locally(
     optimizer_name: str = "adam",
     trim_padding: bool = True,
     before_step: Callable[[], None] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
     make_optimizer: OptimizerFactory | None = None,
     pieces: Sequence[StepPiece] = (),
+    base_logits: bool = False,
 ) -> LocalResult:
     """Run exactly `steps` optimizer steps (re-iterating the loader as needed).
 
@@ -75,7 +77,9 @@ def train_locally(
     `before_step` is called first thing in every step, before its gradients or noise exist: the privacy
     ledger counts the step there (`PrivacyLedger.count_step`), so a crash can never hide one.
     `loss_fn(logits, labels)` is the batch-mean training loss (LoKU's inverted hinge loss, client/loku.py); it
-    must be a mean of per-example terms, as DP-SGD's per-sample clipping assumes.
+    must be a mean of per-example terms, as DP-SGD's per-sample clipping assumes (the run's `loss`,
+    `common.training.training_loss`). With `base_logits` it is called as `loss_fn(logits, labels, base)`, `base`
+    the logits of the same batch with every adapter off and no gradient (BA-LoRA's consistency term).
     The optimizer is `make_optimizer` (the run's update rule, `common.training.optimizer_factory`), else the
     update rule `optimizer_name` at its default settings; it and the `pieces` (rank schedule, proximal steps)
     act only on the privatized gradient, after Opacus' clipping and noise (`common/training/pieces.py`).
@@ -105,7 +109,8 @@ def train_locally(
         # torch warning on every step.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         try:
-            losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step, loss_fn, pieces)
+            losses = _run_steps(model, optimizer, loader, steps, device, trim_padding, before_step, loss_fn, pieces,
+                                base_logits)
         finally:
             for piece in pieces:
                 piece.close()
@@ -117,12 +122,23 @@ def train_locally(
         mean_loss=sum(finite) / max(len(finite), 1),
         first_loss=finite[0] if finite else float("nan"),
         sample_rate=sample_rate,
+        optimizer_state_bytes=state_bytes(getattr(optimizer, "original_optimizer", optimizer)),
     )
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps between steps (simulations/bench_training.py's memory column)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values() if isinstance(state, dict) else ():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
 
 
 def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_padding: bool,
                before_step: Callable[[], None] | None = None, loss_fn=F.cross_entropy,
-               pieces: Sequence[StepPiece] = ()) -> list[float]:
+               pieces: Sequence[StepPiece] = (), base_logits: bool = False) -> list[float]:
     """The loss of each of `steps` optimizer steps (NaN for an empty Poisson batch)."""
     losses: list[float] = []
     while len(losses) < steps:
@@ -139,8 +155,12 @@ def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_
                 privatize_then_update(optimizer, pieces)
                 losses.append(float("nan"))
             else:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                loss = loss_fn(logits, labels.to(device))
+                inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+                logits = model(**inputs).logits
+                if base_logits:
+                    loss = loss_fn(logits, labels.to(device), base_model_logits(model, **inputs))
+                else:
+                    loss = loss_fn(logits, labels.to(device))
                 loss.backward()
                 privatize_then_update(optimizer, pieces)
                 losses.append(float(loss.detach()))

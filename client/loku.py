@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +175,7 @@ def calibrate_loku_noise(ledger: PrivacyLedger, loku_round: int, sample_rate: fl
 class LokuOutcome:
     payload: dict[str, np.ndarray]  # the update in the run's travelling form (uplink keys)
     metrics: dict
+    ledger: dict = field(default_factory=dict)  # the client's ledger after LoKU (the reply's privacy record)
 
 
 def loku_unlearn(model: nn.Module, forget: TensorDataset, *, rank: int, steps: int, lr: float, batch_size: int,
@@ -268,7 +269,7 @@ def loku_round(config: RunConfig, client_id: str, partition_id: int, num_partiti
                "first-loss": stats["first-loss"], "train-loss": stats["train-loss"], "noise-multiplier": noise or 0.0,
                "sample-rate": sample_rate, "epsilon": ledger.epsilon() if noise is not None else math.inf,
                "epsilon-budget": ledger.target_epsilon, "kept": kept}
-    return LokuOutcome(payload, metrics)
+    return LokuOutcome(payload, metrics, ledger.to_dict())
 
 
 @exit_on_user_error

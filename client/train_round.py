@@ -23,7 +23,7 @@ from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
 from common.privacy.plan import check_privacy_plan, planned_dp_steps
 from common.tensors import encode
-from common.training import optimizer_factory, step_pieces
+from common.training import optimizer_factory, step_pieces, training_loss
 
 
 @dataclass
@@ -53,6 +53,14 @@ class TrainOutcome:
     refused: bool = False
     reason: str = ""
     extra: dict = field(default_factory=dict)
+
+
+def training_parts(config: RunConfig, model, server_round: int) -> dict:
+    """`train_locally`'s keywords for the run's training procedure: update rule, step pieces, loss (also what
+    simulations/bench_training.py times)."""
+    loss = training_loss(config)
+    return dict(make_optimizer=optimizer_factory(config), pieces=step_pieces(config, model, server_round),
+                loss_fn=loss.fn, base_logits=loss.base_logits)
 
 
 def open_ledger(config: RunConfig, identity: ClientIdentity) -> PrivacyLedger:
@@ -98,6 +106,8 @@ def train_round(
     adapted = build_model(config, num_labels=len(data.train.label_names))
     if fold:
         arrays = fold_into_base(adapted.model, arrays)
+    if config.rank_growth != "none":  # the server grew some layers' ranks (server/rank_growth.py): take its shapes
+        fit_ranks(adapted.model, arrays)
     load_state(adapted.model, arrays, leading_block=True)
     load_personal(adapted.model, identity.personal_path, identity.run_dir, personal)
     for name, parameter in adapted.model.named_parameters():
@@ -110,7 +120,7 @@ def train_round(
         dp=DPSettings(noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
                       grad_sample_mode=get_adapter(config.adapter).grad_sample_mode), device=pick_device(),
         before_step=ledger.count_step if noise is not None else None,
-        make_optimizer=optimizer_factory(config), pieces=step_pieces(config, adapted.model, server_round),
+        **training_parts(config, adapted.model, server_round),
     )
     if noise is not None:
         ledger.close_round(result.steps)

@@ -19,6 +19,10 @@ ACCOUNTANTS = ("rdp", "prv")
 # Where a data-driven adapter initialization (LoRA-SB) reads its gradients: a public split held by the
 # server (free), or the clients' private data under DP (one DP step each, charged to their budgets).
 INIT_DATA = ("public", "private")
+# How LoRA's B A starts (`common/adapters/lora_inits.py`): LoRA's own (B = 0), PiSSA (W0's top-r SVD, data-free)
+# or LoRA-GA (the SVD of the full-weight gradient, read where `init-data` says); the last two train on the
+# residual base W0 - s B0 A0.
+LORA_INITS = ("default", "pissa", "lora_ga")
 # The frozen base the adapters train on (`common/bases/registry.py`): full precision, QLoRA's NF4,
 # LQ-LoRA's Q + L1 L2, LoRAM's structurally pruned base, QLoRAM's pruned and NF4-quantized one.
 BASES = ("fp32", "nf4", "lq_lora", "loram", "qloram")
@@ -29,9 +33,17 @@ BASE_INITS = ("none", "eora")
 # LQ-LoRA's Fisher weighting: "none" (data-free), "public" (diagonal empirical Fisher on the public split,
 # `common/bases/fisher.py`; public data, no privacy cost); "private" is refused (see `_validate_base`).
 LQ_FISHER = ("none", "public", "private")
+# How an unlearning run (`unlearn-client = ID` on a finished run dir) forgets: the stored history (exact:
+# re-aggregation, or a replay re-trained by the other clients) or the leaving client's LoKU update.
+UNLEARN_ROUTES = ("exact", "loku")
 # The cheapest of LQ-LoRA's mixed-precision configs (2 bits, blocks of 128, 8-bit scales in blocks of 256):
 # 2 + 8/128 + 32/(128*256) bits/param, the lowest budget the ILP can meet (common/bases/mixed_precision.py).
 LQ_MIN_BITS = 2.0634765625
+# Server-side rank growth between rounds (`server/rank_growth.py`): none, IncreLoRA's (layers with the highest
+# smoothed |θ ⊙ Δθ| of the aggregated update), TriAdaptLoRA's (layers whose normalized ‖B A‖_F passes a
+# linearly falling threshold). Both read only the aggregated adapter; "private" scores are refused.
+RANK_GROWTHS = ("none", "incre_lora", "tri_adapt_lora")
+RANK_GROWTH_SCORES = ("aggregate", "private")
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class RunConfig:
     diffora_keep: float = 0.5
     init_data: str = "public"
     public_examples: int = 128
+    lora_init: str = "default"
     strategy: str = "fedsvd"
     global_max_rank: int = 0
     hetlora_prune: float = 0.0
@@ -101,13 +114,34 @@ class RunConfig:
     store_contributions: bool = False
     unlearn_epsilon: float = 1.0
     loku_steps: int = 10
-    loku_lr: float = 0.01
+    loku_lr: float = 0.0003
+    unlearn_client: str = ""
+    unlearn_route: str = "exact"
     update_rule: str = "adam"
     galore_rank: int = 4
     galore_period: int = 10
     galore_scale: float = 0.25
+    galore_projection: str = "svd"
+    frugal_density: float = 0.25
+    frugal_period: int = 10
+    frugal_sign_lr_scale: float = 0.1
     rank_schedule: str = "none"
     sora_lambda: float = 0.1
+    loss: str = "cross_entropy"
+    ba_lora_consistency: float = 1e-4
+    ba_lora_diversity: float = 0.0
+    ggpo_rho: float = 0.0
+    ggpo_grad_weight: float = 0.5
+    ggpo_weight_weight: float = 0.5
+    allora_eta: float = 2.0
+    codyra_kappa: float = 7e-4
+    codyra_levels: int = 50
+    codyra_dense: float = 0.5
+    rank_growth: str = "none"
+    rank_growth_scores: str = "aggregate"
+    rank_growth_budget: int = 0
+    rank_growth_per_round: int = 2
+    rank_growth_ema: float = 0.85
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -166,10 +200,17 @@ class RunConfig:
             )
         self._validate_user_level()
         self._validate_base()
-        if (self.update_rule, self.rank_schedule) != ("adam", "none"):  # the defaults need no registry import
+        # the defaults need no registry import
+        if (self.update_rule, self.rank_schedule, self.loss, self.galore_projection, self.ggpo_rho, self.adapter,
+                self.rank_growth, self.rank_growth_scores) != (
+                "adam", "none", "cross_entropy", "svd", 0.0, "lora", "none", "aggregate"):
             from common.training.compatibility import check_training  # its registries import this module
 
             check_training(self)
+        if self.lora_init != "default":
+            from common.adapters.lora_inits import check_lora_init  # the adapter registry imports this module
+
+            check_lora_init(self)
         ranks = self.client_rank_list
         if any(r > self.rank for r in ranks):
             raise ConfigError(
@@ -282,6 +323,9 @@ _RULES = [
     ("smora_top_k", _positive, "SMoRA activates at least one rank (expert) per token; at most rank"),
     ("diffora_keep", lambda v: 0.0 < v <= 1.0, "DiffoRA keeps a fraction in (0, 1] of the candidate modules"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),
+    ("lora_init", lambda v: v in LORA_INITS,
+     "choose default (B = 0), pissa (W0's top-r singular triplets, data-free) or lora_ga (the SVD of the "
+     "full-weight gradient, on the data init-data names)"),
     ("base", lambda v: v in BASES,
      "choose fp32 (full precision), nf4 (QLoRA's 4-bit NormalFloat), lq_lora (LQ-LoRA: Q + L1 L2), loram "
      "(LoRAM: structurally pruned) or qloram (pruned and NF4)"),
@@ -321,11 +365,40 @@ _RULES = [
      "must be >= 0: the epsilon a leaving client may spend on LoKU beyond target-epsilon"),
     ("loku_steps", _positive, "LoKU needs at least one DP-SGD step on the data to forget"),
     ("loku_lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
+    ("unlearn_route", lambda v: v in UNLEARN_ROUTES,
+     f"choose {' or '.join(UNLEARN_ROUTES)} (server/unlearn_federated.py)"),
     ("galore_rank", _positive, "GaLore's projection rank must be an integer >= 1"),
     ("galore_period", _positive, "GaLore refreshes its projection every this many steps: an integer >= 1"),
     ("galore_scale", lambda v: v > 0 and math.isfinite(v), "GaLore's update scale must be > 0 (paper: 0.25)"),
+    ("frugal_density", lambda v: 0.0 <= v <= 1.0,
+     "FRUGAL's state-full fraction of each matrix must be in [0, 1] (1 = Adam, 0 = signSGD; paper: 0.25)"),
+    ("frugal_period", _positive, "FRUGAL refreshes its subspace every this many steps: an integer >= 1"),
+    ("frugal_sign_lr_scale", lambda v: v >= 0 and math.isfinite(v),
+     "FRUGAL's signSGD step is lr x this: must be >= 0 (paper: 0.1 for fine-tuning)"),
+    ("ba_lora_consistency", lambda v: v >= 0 and math.isfinite(v),
+     "BA-LoRA's consistency weight lambda1 must be >= 0 (paper: 1e-4)"),
+    ("ba_lora_diversity", lambda v: v >= 0 and math.isfinite(v),
+     "BA-LoRA's diversity weight lambda2 must be >= 0 (0 under DP: the term couples the batch)"),
+    ("ggpo_rho", lambda v: v >= 0 and math.isfinite(v), "LoRA-GGPO's perturbation scale must be >= 0 (0 = off)"),
+    ("ggpo_grad_weight", lambda v: v >= 0 and math.isfinite(v),
+     "LoRA-GGPO's weight of the gradient row norm must be >= 0"),
+    ("ggpo_weight_weight", lambda v: v >= 0 and math.isfinite(v),
+     "LoRA-GGPO's weight of the weight row norm must be >= 0"),
     ("sora_lambda", lambda v: v >= 0 and math.isfinite(v),
      "SoRA's L1 strength must be >= 0 (the gate threshold per step is lr x this; 0 = no pruning)"),
+    ("allora_eta", lambda v: v > 0 and math.isfinite(v),
+     "ALLoRA's η must be > 0: a row's update is scaled by 1/sqrt(|row|^2 + 1/η^2), η at a zero row"),
+    ("codyra_kappa", lambda v: v >= 0 and math.isfinite(v),
+     "CoDyRA's largest gate threshold κ must be >= 0 (paper: 7e-4; 0 = no pruning)"),
+    ("codyra_levels", lambda v: v >= 2, "CoDyRA's threshold climbs from 0 to κ in this many levels: an integer >= 2"),
+    ("codyra_dense", lambda v: 0.0 <= v < 1.0,
+     "CoDyRA's dense phase (no pruning) is this fraction of the run's steps: in [0, 1) (paper: 0.5)"),
+    ("rank_growth", lambda v: v in RANK_GROWTHS, f"choose one of {', '.join(RANK_GROWTHS)}"),
+    ("rank_growth_scores", lambda v: v in RANK_GROWTH_SCORES, f"choose one of {', '.join(RANK_GROWTH_SCORES)}"),
+    ("rank_growth_budget", lambda v: v >= 0,
+     "must be >= 0: the total rank over all adapted layers the growth may reach (0 = twice the starting total)"),
+    ("rank_growth_per_round", _positive, "rank growth adds at least one rank a round: an integer >= 1"),
+    ("rank_growth_ema", lambda v: 0.0 <= v < 1.0, "IncreLoRA's score smoothing β must be in [0, 1) (0 = no smoothing)"),
     ("dataset", bool, "give \"wordnet\" or a path to a .csv/.jsonl file"),
 ]
 

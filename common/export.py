@@ -9,6 +9,7 @@ adapter directory, through PEFT's own serializer, so `PeftModel.from_pretrained`
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 
 from common.adapters.base import AdapterLayer
 from common.adapters.inject import replace_module
+from common.adapters.lora import as_plain_lora
 from common.adapters.rank_resize import fit_ranks
 from common.adapters.registry import ADAPTERS, get_adapter
 from common.bases.registry import serves_compressed
@@ -98,22 +100,24 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     from transformers import AutoModelForSequenceClassification
 
     heads = sorted({name.rsplit(".", 1)[0] for name in adapted.head_parameters})
+    # PiSSA / LoRA-GA trained on W0 - s B0 A0: PEFT's base is W0, so their pair goes out as a rank-2r LoRA
+    ours = as_plain_lora(adapted.model, {name: p.detach() for name, p in adapted.model.named_parameters()
+                                         if p.requires_grad})
     # A rank-heterogeneous run's global LoRA may have another rank than `rank` (FLoRA's stack); PEFT
     # scales by lora_alpha / r, so keep fedlora's alpha / r_max.
-    config = config_for_rank(config, stored_rank(dict(adapted.model.named_parameters()), config.rank))
+    config = config_for_rank(config, stored_rank(ours, config.rank))
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(config.model), num_labels=adapted.model.config.num_labels)
-    peft_model = get_peft_model(base, kind.peft_config(config, heads))
-    ours = dict(adapted.model.named_parameters())
+    peft_model = get_peft_model(base, with_layer_ranks(kind.peft_config(config, heads), ours))
     filled = set()
     for name, parameter in peft_model.named_parameters():
         key = peft_key_to_ours(name)
         if parameter.requires_grad:
             if key not in ours:
                 raise ConfigError(f"PEFT parameter {name} has no counterpart in the fedlora model")
-            parameter.data.copy_(ours[key].data)
+            parameter.data.copy_(ours[key])
             filled.add(key)
-    missing = {n for n, p in ours.items() if p.requires_grad} - filled
+    missing = set(ours) - filled
     if missing:
         raise ConfigError(f"PEFT export would drop trained tensors: {sorted(missing)[:3]}")
     if kind.peft_frozen is not None:
@@ -121,6 +125,20 @@ def export_peft(config: RunConfig, adapted: AdaptedModel, out_dir: Path) -> Path
     peft_model.save_pretrained(out_dir)
     adapted.tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def with_layer_ranks(peft_config, tensors: dict) -> object:
+    """`peft_config` with PEFT's `rank_pattern` for the layers whose LoRA rank is not its `r` (a run with
+    `rank-growth`, server/rank_growth.py), and `alpha_pattern` lora_alpha r_ℓ / r for them, so every layer keeps
+    fedlora's one scale lora_alpha / r. Keys are the escaped full module names (PEFT matches them as regexes)."""
+    ranks = {key[: -len(".lora_A.weight")]: value.shape[0] for key, value in tensors.items()
+             if key.endswith(".lora_A.weight")}
+    other = {name: rank for name, rank in ranks.items() if rank != getattr(peft_config, "r", rank)}
+    if other:
+        peft_config.rank_pattern = {re.escape(name): rank for name, rank in other.items()}
+        peft_config.alpha_pattern = {re.escape(name): peft_config.lora_alpha * rank / peft_config.r
+                                     for name, rank in other.items()}
+    return peft_config
 
 
 def peft_key_to_ours(name: str) -> str:

@@ -1,8 +1,9 @@
-"""Data-driven adapter initialization (LoRA-SB): full-weight gradients of the adapted layers, then bases.
+"""Data-driven adapter initialization (LoRA-SB, LoRA-GA): full-weight gradients of the adapted layers, then factors.
 
 The gradient is read either on the server's public split (`public_gradients`, no privacy cost) or on
 each client under DP (client/adapter_init.py); either way `frozen_factors_from` turns the summed
-gradients into each layer's frozen factors with the adapter's own `gradient_init`.
+gradients into each layer's frozen factors with the run's `gradient_init_of` (LoRA-SB's bases, or LoRA-GA's
+start B0, A0 for adapter lora with `lora-init = "lora_ga"`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.adapters.base import AdapterLayer
-from common.adapters.registry import get_adapter
+from common.adapters.registry import get_adapter, gradient_init_of
 from common.config import RunConfig
 from common.tensors import trim
 
@@ -51,10 +52,10 @@ def public_gradients(model: nn.Module, data: TensorDataset, batch_size: int, dev
 
 def frozen_factors_from(config: RunConfig, gradients: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The global-state arrays of every layer's data-initialized frozen factors."""
-    kind = get_adapter(config.adapter)
-    adapter_config = kind.make_config(config)
+    adapter_config = get_adapter(config.adapter).make_config(config)
+    gradient_init = gradient_init_of(config)
     arrays = {}
     for layer, gradient in gradients.items():
-        for factor, value in kind.gradient_init(gradient.float(), adapter_config).items():
+        for factor, value in gradient_init(gradient.float(), adapter_config).items():
             arrays[f"{layer}.{factor}"] = value.float().numpy()
     return arrays

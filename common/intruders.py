@@ -48,3 +48,31 @@ def model_intruders(model, top_k: int = TOP_K, epsilon: float = EPSILON) -> dict
                 w_ft = w0 + module.delta_weight().double().cpu().numpy()
                 counts[name] = intruder_count(w0, w_ft, top_k, epsilon)
     return counts
+
+
+def run_intruders(run_dir) -> dict[str, int]:
+    """Intruder counts of a finished run's final global model, by adapted layer."""
+    from common.export import adapted_with
+    from server.export import load_run
+
+    config, arrays, labels = load_run(run_dir)
+    return model_intruders(adapted_with(config, arrays, labels).model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m common.intruders RUN_DIR`: the counts as JSON on stdout (the sweep runs this in a fresh
+    process, so a long sweep reads each run with the code that wrote it)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from common.errors import exit_on_user_error
+
+    parser = argparse.ArgumentParser(description="Intruder dimensions of a finished run's global model (JSON).")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    print(json.dumps(exit_on_user_error(run_intruders)(args.run_dir)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
-"""Before round 1: set the frozen factors of a data-initialized adapter (LoRA-SB) and broadcast them.
+"""Before round 1: set the frozen factors of a data-initialized adapter (LoRA-SB; LoRA-GA) and broadcast them.
 
 `init-data = "public"`: the server reads the gradient on its public split (no privacy cost).
 `init-data = "private"`: every connected client returns one DP-SGD step's noisy gradient of the adapted
 layers' full weights (charged to its ledger as round 0); the server averages them, example-weighted.
-Either way the result is post-processed by the adapter's `gradient_init` into frozen factors, which join
-the global state: the strategy sends them every round and never expects them back.
+Either way the result is post-processed by the run's `gradient_init_of` into frozen factors (LoRA-SB's bases,
+LoRA-GA's start B0, A0), which join the global state: the strategy sends them every round and never expects
+them back, so every party (clients, the server's evaluation, a resumed server, export) has the same ones.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.adapters import get_adapter
+from common.adapters.registry import gradient_init_of
 from common.config import RunConfig
 from common.data.partition import public_split
 from common.errors import FedloraError
@@ -36,7 +37,7 @@ INIT_TIMEOUT_SECONDS = 1800.0
 def initial_frozen_factors(config: RunConfig, adapted: AdaptedModel, grid: Grid, strategy: LoRAStrategy
                            ) -> dict[str, np.ndarray]:
     """The data-initialized frozen factors of the run's adapter ({} for adapters without such an init)."""
-    if get_adapter(config.adapter).gradient_init is None:
+    if gradient_init_of(config) is None:
         return {}
     if config.init_data == "public":
         data = public_split(config)
@@ -57,10 +58,11 @@ def private_gradients(config: RunConfig, adapted: AdaptedModel, grid: Grid, stra
     log.info("adapter init: one DP step on the private data of clients (node ids) %s", nodes)
     record = RecordDict({"config": ConfigRecord({"server-round": 0, "run-dir": strategy.run_dir})})
     messages = [Message(content=record, message_type=INIT_MESSAGE_TYPE, dst_node_id=node) for node in nodes]
-    payloads, weights = [], []
+    payloads, weights, problems = [], [], []
     for reply in grid.send_and_receive(messages, timeout=INIT_TIMEOUT_SECONDS):
         if reply.has_error():
             log.warning("adapter init: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            problems.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             continue
         client, ledger, problem = strategy._read_privacy(reply.content, str(reply.metadata.src_node_id))
         if ledger is not None:
@@ -68,11 +70,13 @@ def private_gradients(config: RunConfig, adapted: AdaptedModel, grid: Grid, stra
         problem = problem or init_reply_problem(reply.content, config.adapter, shapes)
         if problem:
             log.warning("adapter init: rejected reply of client %s: %s", client, problem)
+            problems.append(f"client {client}: {problem}")
             continue
         payloads.append(from_record(reply.content["arrays"]))
         weights.append(float(reply.content["metrics"]["num-examples"]))
-    if not payloads:
-        raise FedloraError("adapter init: no client returned a usable gradient; see the warnings above")
+    if not payloads:  # the first reason in the error: a budget or plan refusal is the same on every client
+        first = f" ({' '.join(problems[0].split())[:300]})" if problems else ""  # client text: one bounded line
+        raise FedloraError(f"adapter init: no client returned a usable gradient{first}; see the warnings above")
     return {name: torch.from_numpy(value) for name, value in weighted_mean(payloads, weights).items()}
 
 

@@ -29,6 +29,7 @@ from flwr.app import MetricRecord
 from flwr.serverapp.strategy import Result
 from safetensors.numpy import load, save
 
+from common.config import RunConfig
 from common.errors import CheckpointError
 from common.payload import from_record, to_record
 from common.privacy.ledger import CHECKSUM_KEY, checksum_of, fsync_directory, sha256_of
@@ -128,7 +129,10 @@ def _read_state(path: Path) -> dict:
 
 
 def _check_settings(path: Path, saved: dict, now: dict) -> None:
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    """A key the saved settings lack was added to fedlora after that run: it matches when now at its default
+    (the behaviour the run had), so upgrading fedlora does not orphan a run directory."""
+    defaults = settings_of(RunConfig().to_flower())
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, defaults.get(k)) != now.get(k))
     if differ:
         changes = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
         raise CheckpointError(

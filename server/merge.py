@@ -62,6 +62,17 @@ def merge_adapters(adapters: list[dict[str, np.ndarray]], weights: list[float], 
     return out
 
 
+def start_of_run(run_dir: Path, config, rank: int) -> dict[str, np.ndarray]:
+    """PiSSA / LoRA-GA: the clients trained on W0 - s B0 A0 at the run's rank, so the merge keeps that rank and
+    the run's start (LoRA-GA's B0, A0 are in the global adapter; PiSSA's are rebuilt from W0 by export)."""
+    from safetensors.numpy import load_file
+
+    if rank != config.rank:
+        raise FedloraError(f"--rank {rank}: lora-init = {config.lora_init!r} trained every client on the base "
+                           f"W0 - s B0 A0 of rank {config.rank}; merge at --rank {config.rank}")
+    return {k: v for k, v in load_file(str(run_dir / "adapter.safetensors")).items() if ".lora_init_" in k}
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     from safetensors.numpy import save_file
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         merged = merge_adapters(adapters, weights, args.method, rank)
     except ValueError as err:
         raise FedloraError(f"cannot merge: {err}") from None
+    if config.lora_init != "default":
+        merged.update(start_of_run(args.run_dir, config, rank))
     out = args.out or args.run_dir / f"merged-{args.method}"
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / "adapter.safetensors"))

@@ -22,6 +22,7 @@ from common.errors import FedloraError, exit_on_user_error
 from common.privacy import PrivacyStep, epsilon_of
 from common.privacy.accounting import check_history_covers
 from server.report_html import render_html
+from server.report_init import init_costs, init_sentence
 from server.report_plots import EPSILON_PNG, write_plots
 
 REPORT_JSON = "privacy.json"
@@ -236,6 +237,7 @@ def render_markdown(report: dict, summaries: list[ClientSummary] | None = None,
         rows = ", ".join(f"r{row['round']}: σ={row['noise_multiplier']:.3f} q={row['sample_rate']:.4f} "
                          f"steps={row['steps']}" for row in client["history"])
         lines.append(f"- client {_cell(client['id'])}: {rows or '(no private rounds)'}")
+    lines += init_lines(report)
     faults = report.get("faults")
     lines += ["", f"## Faults ({'not recorded' if faults is None else len(faults)})", ""]
     if faults is None:
@@ -252,6 +254,22 @@ def render_markdown(report: dict, summaries: list[ClientSummary] | None = None,
               f"`opacus.accountants.create_accountant('{report['accountant']}')` at delta, or run "
               "`python -m server.report RUN_DIR`. The same report as one page: `privacy.html`.", ""]
     return "\n".join(lines)
+
+
+def init_lines(report: dict) -> list[str]:
+    """The adapter init's own section: one row per party with what the init step cost (none without an init)."""
+    costs = init_costs(report)
+    if costs is None:
+        return []
+    name, data, rows = costs
+    lines = ["", "## Adapter init (round 0)", "", init_sentence(f"`{_cell(name)}`", data), "",
+             "| init | party | DP steps | noise σ | sample rate q | epsilon of the init step |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cost = f"{row.epsilon:.3f}" if row.epsilon is not None else f"0 ({row.note})" if data != "private" else row.note
+        lines.append(f"| {_cell(name)} | {_cell(row.who)} | {'-' if row.steps is None else row.steps} | "
+                     f"{'-' if row.noise is None else f'{row.noise:.3f}'} | "
+                     f"{'-' if row.sample_rate is None else f'{row.sample_rate:.4f}'} | {_cell(cost)} |")
+    return lines
 
 
 def user_level_lines(user: dict | None) -> list[str]:
@@ -281,6 +299,9 @@ def check_report_shape(report: dict) -> None:
     histories are checked by `recompute`."""
     if not isinstance(report.get("clients"), list) or not isinstance(report.get("run", {}), dict):
         raise ValueError("`clients` must be a list and `run` an object")
+    init = report.get("run", {}).get("init")
+    if init is not None and not (isinstance(init, dict) and {"name", "data"} <= set(init)):
+        raise ValueError("run.init must be null or an object with name and data")
     _number(report["delta"], "delta")
     for client in report["clients"]:
         if client["target_epsilon"] is not None:

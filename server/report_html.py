@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 from html import escape
 
+from server.report_init import init_costs, init_sentence
+
 CSS = """
 body { font: 15px/1.45 "DejaVu Sans", Helvetica, Arial, sans-serif; color: #1d232a; margin: 0; background: #f6f7f9; }
 main { max-width: 1120px; margin: 0 auto; padding: 24px 32px 40px; background: #fff; }
@@ -53,6 +55,7 @@ def render_html(report: dict, summaries: list, plots: list, json_name: str = "pr
         *_user_level_section(report.get("user_level")),
         f"<h2>Clients ({len(summaries)}){': sample-level guarantee' if report.get('user_level') else ''}</h2>",
         _clients_table(summaries, audited),
+        *_init_section(report),
         *_faults_section(report.get("faults")),
         "<h2>Plots</h2>",
         '<div class="plots">',
@@ -137,6 +140,24 @@ def _clients_table(summaries: list, audited: bool) -> str:
                     "(ε, δ)-DP: a bound above the reported ε means the accounting or the DP-SGD implementation "
                     "is wrong.</p>")
     return "\n".join(rows)
+
+
+def _init_section(report: dict) -> list[str]:
+    """The adapter init's own table: one row per party with the init step's cost (nothing without an init)."""
+    costs = init_costs(report)
+    if costs is None:
+        return []
+    name, data, rows = costs
+    out = ["<h2>Adapter init (round 0)</h2>", f"<p>{init_sentence(f'<code>{_e(name)}</code>', data)}</p>",
+           '<table id="init"><thead><tr><th>init</th><th>party</th><th>DP steps</th><th>noise σ</th>'
+           "<th>sampling rate q</th><th>ε of the init step</th></tr></thead><tbody>"]
+    for row in rows:
+        cost = f"{row.epsilon:.3f}" if row.epsilon is not None else f"0 ({row.note})" if data != "private" else row.note
+        out.append(f"<tr><td><code>{_e(name)}</code></td><td>{_e(row.who)}</td>{_num(_dash(row.steps))}"
+                   f"{_num('-' if row.noise is None else f'{row.noise:.3f}')}"
+                   f"{_num('-' if row.sample_rate is None else f'{row.sample_rate:.4f}')}{_num(cost)}</tr>")
+    out.append("</tbody></table>")
+    return out
 
 
 def _audit_cell(s) -> str:

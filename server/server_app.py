@@ -22,7 +22,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.numpy import save_file
 
+from common.adapters.lora import trained_from_start
 from common.adapters.rank_resize import fit_ranks
+from common.adapters.registry import init_summary
 from common.bases.registry import check_base, check_base_strategy
 from common.config import RunConfig
 from common.data.partition import global_test_set
@@ -40,7 +42,9 @@ from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.report import build_report, describe_fault, write_report
 from server.strategies import check_compatible, get_strategy
 from server.contributions import with_stored_contributions
+from server.strategies.rank_growth import with_rank_growth
 from server.strategies.user_dp import with_user_level_dp
+from server.unlearn_federated import run_unlearning
 
 app = ServerApp()
 log = get_logger("server")
@@ -98,8 +102,10 @@ def main(grid: Grid, context: Context) -> None:
 def run(grid: Grid, context: Context) -> Path:
     started = time.time()
     config = RunConfig.from_flower(context.run_config)
+    if config.unlearn_client:  # forget a client of the finished run in run-dir instead of training
+        return run_unlearning(grid, config)
     strategy_class = get_strategy(config.strategy)
-    check_compatible(config.strategy, config.adapter, config.client_rank_list)
+    check_compatible(config.strategy, config.adapter, config.client_rank_list, config.lora_init)
     require_selection(config)  # DiffoRA: the kept modules are chosen before the run
     check_base(config)
     check_base_strategy(config, strategy_class)
@@ -107,6 +113,8 @@ def run(grid: Grid, context: Context) -> Path:
         strategy_class = with_user_level_dp(strategy_class)
     if config.store_contributions:  # exact unlearning later (server/unlearn.py); refused for non-linear merges
         strategy_class = with_stored_contributions(strategy_class)
+    if config.rank_growth != "none":  # last: it grows what the strategy (and any user-level noise) aggregated
+        strategy_class = with_rank_growth(strategy_class)
     run_dir = resolve_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(run_dir, config.to_flower())  # before anything in run_dir is rewritten
@@ -137,7 +145,8 @@ def run(grid: Grid, context: Context) -> Path:
     report = build_report(
         strategy.ledgers, delta=config.delta, accountant=config.accountant, target_epsilon=config.target_epsilon,
         run={"strategy": config.strategy, "rounds": config.num_rounds, "model": resolve_model_path(config.model),
-             "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank},
+             "dataset": config.dataset, "adapter": config.adapter, "rank": config.rank,
+             "init": init_summary(config)},
         faults=strategy.faults, trained_rounds=strategy.trained_rounds,
         user_level=None if getattr(strategy, "account", None) is None else strategy.account.to_dict(),
     )
@@ -166,7 +175,8 @@ def starting_point(config: RunConfig, evaluator: GlobalEvaluator, grid: Grid, st
     if checkpoint is None:
         frozen = initial_frozen_factors(config, evaluator.adapted, grid, strategy)
         strategy.broadcast_keys = set(frozen)
-        initial, resume = {**evaluator.initial_arrays(), **frozen}, {}
+        # LoRA-GA: B, A start at the broadcast start B0, A0 (the model is W0 at round 0)
+        initial, resume = {**evaluator.initial_arrays(), **frozen, **trained_from_start(frozen)}, {}
     else:
         strategy.load_state_dict(checkpoint.strategy_state, checkpoint.strategy_arrays)
         initial, done = checkpoint.arrays, checkpoint.round

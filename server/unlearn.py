@@ -48,8 +48,9 @@ from server.contributions import RoundContribution, load_history
 from server.strategies import get_strategy
 from server.strategies.base import LoRAStrategy
 
-# (client id, global arrays it starts from, round) -> (its payload, its example weight)
-Retrain = Callable[[str, dict[str, np.ndarray], int], tuple[dict[str, np.ndarray], float]]
+# (the round's other clients, the global they start from, round) -> [(payload, example weight)] in that order:
+# one call per replayed round, so a federation re-trains a round's clients in parallel (unlearn_federated.py)
+RetrainRound = Callable[[list[str], dict[str, np.ndarray], int], list[tuple[dict[str, np.ndarray], float]]]
 
 
 @dataclass
@@ -79,7 +80,7 @@ def aggregate_round(strategy: LoRAStrategy, contribution: RoundContribution) -> 
 
 
 def exact_unlearn(history: list[RoundContribution], client: str, strategy: LoRAStrategy,
-                  retrain: Retrain | None = None) -> UnlearnResult:
+                  retrain: RetrainRound | None = None) -> UnlearnResult:
     """The global adapter without `client` (see the module docstring for the routes and when each is exact)."""
     last = history[-1].round
     rounds = [c.round for c in history if client in c.clients]
@@ -102,7 +103,7 @@ def exact_unlearn(history: list[RoundContribution], client: str, strategy: LoRAS
     arrays = start
     for contribution in history[first - 1:]:
         others = [c for c in contribution.clients if c != client]
-        replies = [retrain(other, arrays, contribution.round) for other in others]
+        replies = retrain(others, arrays, contribution.round) if others else []
         replay = RoundContribution(contribution.round, arrays, others, [p for p, _ in replies], [w for _, w in replies])
         arrays = aggregate_round(strategy, replay)
     return UnlearnResult(client, "replay", True, first, last, replayed, arrays=arrays,
@@ -135,14 +136,14 @@ def run_config_of(run_dir: Path) -> RunConfig:
     return finished_run_config(run_dir)
 
 
-def local_retrain(config: RunConfig, run_dir: Path, num_clients: int) -> Retrain:
+def local_retrain(config: RunConfig, run_dir: Path, num_clients: int) -> RetrainRound:
     """Re-train a client's round with `client.train_round` on this machine (simulations only: the partitions
     are rebuilt from the seed); DP steps are charged to RUN_DIR/ledgers as a new execution of that round."""
     from client.train_round import ClientIdentity, train_round
 
     strategy = strategy_for(config, run_dir)
 
-    def retrain(client: str, arrays: dict[str, np.ndarray], server_round: int):
+    def retrain_one(client: str, arrays: dict[str, np.ndarray], server_round: int):
         identity = ClientIdentity(client, int(client), num_clients, Path(run_dir) / "ledgers")
         outcome = train_round(config, identity, strategy.downlink(arrays), strategy.frozen_factors, server_round)
         if outcome.refused:
@@ -150,7 +151,7 @@ def local_retrain(config: RunConfig, run_dir: Path, num_clients: int) -> Retrain
                                "exact replay needs budget for the re-trained rounds")
         return outcome.arrays, float(outcome.metrics["num-examples"])
 
-    return retrain
+    return lambda clients, arrays, server_round: [retrain_one(c, arrays, server_round) for c in clients]
 
 
 def write_result(run_dir: Path, result: UnlearnResult, extra: dict | None = None) -> Path:

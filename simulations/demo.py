@@ -44,7 +44,7 @@ def validate(config: RunConfig, num_clients: int) -> None:
     """Everything a user can get wrong, checked before any process starts."""
     from server.strategies import check_compatible
 
-    check_compatible(config.strategy, config.adapter, config.client_rank_list)
+    check_compatible(config.strategy, config.adapter, config.client_rank_list, config.lora_init)
     if config.clients_per_round > num_clients:
         raise ConfigError(f"clients-per-round = {config.clients_per_round} exceeds --num-clients {num_clients}")
     model = config.model
@@ -88,6 +88,37 @@ def summarize(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def unlearning_demo(config: RunConfig, overrides: dict, num_clients: int) -> int:
+    """`unlearn-client` on a finished run dir: the same simulation, asked to forget that client."""
+    from common.config import finished_run_config
+    from server.unlearn_federated import unlearning_config
+
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    finished = finished_run_config(run_dir, "adapter.safetensors")
+    unlearning_config(finished, config).validate()
+    overrides["run-dir"] = str(run_dir)
+    record = run_dir / "unlearn" / f"client-{config.unlearn_client}" / "record.json"
+    started = time.time()
+    print(f"fedlora: asking the {num_clients} simulated clients of {run_dir} to forget client "
+          f"{config.unlearn_client} (route {config.unlearn_route})", flush=True)
+    with simulation_superlink() as env:
+        code = flwr_run(env, overrides, num_supernodes=num_clients, gpus_per_client=gpu_share(num_clients))
+    if code != 0 or not record.is_file() or record.stat().st_mtime < started:
+        print(f"error: the unlearning run did not finish (flwr exit code {code}); see the log above", file=sys.stderr)
+        return 1
+    result = json.loads(record.read_text())
+    print(f"fedlora: client {result['client']}: route {result['route']} "
+          f"({'exact' if result['exact'] else 'approximate'}); {result['note']}")
+    if "global-accuracy" in result:
+        print(f"  unlearned global: test accuracy {result['global-accuracy']:.4f}, loss {result['global-loss']:.4f}")
+    for client, ledger in sorted(result.get("ledgers", {}).items()):
+        print(f"  client {client}: {len(ledger.get('history', []))} ledger rows after unlearning")
+    print(f"  written: {record.parent}; measure it: python -m simulations.unlearning {run_dir} --client "
+          f"{result['client']} --num-clients {num_clients}")
+    print(f"  total wall time: {time.time() - started:.0f} s")
+    return 0
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the fedlora demo simulation with flwr run.")
@@ -104,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         merged["run-dir"] = overrides["run-dir"] = str(APP_DIR / "runs" / f"demo-{stamp}")
     config = RunConfig.from_flower(merged)
+    if config.unlearn_client:  # an unlearning run on a finished run dir (server/unlearn_federated.py)
+        return unlearning_demo(config, overrides, args.num_clients)
     print(f"fedlora: checking settings and data for {args.num_clients} clients ...", flush=True)
     validate(config, args.num_clients)
     # DiffoRA with diffora-modules = "": its selection on the public split, before round 1, for every party

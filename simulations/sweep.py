@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -153,12 +154,13 @@ def collect(run_dir: Path) -> dict:
 
 
 def run_intruders(run_dir: Path) -> dict[str, int]:
-    from common.export import adapted_with
-    from common.intruders import model_intruders
-    from server.export import load_run
-
-    config, arrays, labels = load_run(run_dir)
-    return model_intruders(adapted_with(config, arrays, labels).model)
+    """In a fresh process (`python -m common.intruders`): a sweep runs for hours while the code may change,
+    and a run written by newer code (new run-config keys) must be read by that code, not this process's."""
+    done = subprocess.run([sys.executable, "-m", "common.intruders", str(run_dir)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError(f"intruder count of {run_dir} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
 
 
 class PeakMemory:

@@ -177,7 +177,7 @@ def check_cells(cells: list[Cell], defaults: dict) -> None:
 
     for cell in cells:
         config = RunConfig.from_flower({**defaults, **cell.overrides})
-        check_compatible(config.strategy, config.adapter, config.client_rank_list)
+        check_compatible(config.strategy, config.adapter, config.client_rank_list, config.lora_init)
         if cell.kind == "federated" and config.clients_per_round > cell.num_clients:
             raise ConfigError(f"cell {cell.label()}: clients-per-round = {config.clients_per_round} exceeds "
                               f"num-clients = {cell.num_clients}")

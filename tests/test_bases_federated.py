@@ -10,40 +10,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
-from client import client_app
 from common.bases.quantized_linear import QuantizedLinear
 from common.config import RunConfig
 from common.export import adapted_with
 from common.model import build_model
 from common.payload import to_record
-from server.server_app import run
 from server.strategies import STRATEGIES
 from tests.conftest import write_toy_csv
-
-
-class InProcessFederation:
-    """Two nodes behind a Grid's two methods, each answering with the real ClientApp functions."""
-
-    def __init__(self, run_config: dict):
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": i, "num-partitions": 2},
-                                       state=RecordDict(), run_config=run_config)
-                         for i, node in enumerate((11, 12))}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            context = self.contexts[msg.metadata.dst_node_id]
-            handler = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
-            replies.append(handler(msg, context))
-        return replies
+from tests.federation import InProcessFederation, run_server
 
 
 def run_in_process(directory, **settings) -> tuple:
@@ -53,13 +30,7 @@ def run_in_process(directory, **settings) -> tuple:
                                      local_steps=2, batch_size=8, max_seq_len=16, target_epsilon=8.0, rank=4,
                                      strategy="fedsvd", base="qloram", prune_ratio=0.5, partitioner="iid",
                                      run_dir=str(directory / "run")), **settings}).to_flower()
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    try:
-        run_dir = run(InProcessFederation(run_config), Context(run_id=1, node_id=0, node_config={},
-                                                               state=RecordDict(), run_config=run_config))
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    run_dir = run_server(InProcessFederation(run_config), run_config)
     return run_dir, RunConfig.from_flower(run_config)
 
 

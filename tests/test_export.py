@@ -44,9 +44,10 @@ def logits(model, tokenizer) -> torch.Tensor:
 # Block-LoRA, WaRA, SLTrain, DiffoRA and SoRA merge through the base class's fold of ΔW, Transformed LoRA through
 # RemembersMergedDelta as Bat does (all checked in tests/test_adapters.py), and have no PEFT form: a full
 # export each (about 12 s) would test nothing new. SMoRA cannot merge: its refusal is checked in
-# tests/test_adapters_structured.py.
+# tests/test_adapters_structured.py. CoDyRA merges as SoRA does; ALLoRA is LoRA at alpha = rank, and its
+# PEFT export (with per-layer ranks) is checked in tests/test_rank_growth.py.
 MERGE_CHECKED_BY_THE_ADAPTER_TABLE = {"block_lora", "wara", "sltrain", "transformed_lora", "diffora", "smora",
-                                      "sora"}
+                                      "sora", "codyra", "allora"}
 
 
 @pytest.mark.parametrize("adapter", sorted(set(ADAPTERS) - MERGE_CHECKED_BY_THE_ADAPTER_TABLE))
@@ -120,7 +121,7 @@ def test_peft_export_of_an_adapter_peft_lacks_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "server.export", str(tmp_path), "--peft"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "adapter 'svfit' has no PEFT equivalent (PEFT export: bat, bone, dora, lora, randlora)" in result.stderr
+    assert "adapter 'svfit' has no PEFT equivalent (PEFT export: allora, bat, bone, dora, lora, randlora)" in result.stderr
 
 
 def test_a_global_lora_of_another_rank_than_the_runs_exports_with_the_runs_scale(tmp_path):

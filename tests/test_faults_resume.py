@@ -208,6 +208,13 @@ def test_a_checkpoint_of_other_settings_is_refused(checkpointed):
         load_checkpoint(checkpointed.parent, other)
 
 
+def test_a_key_added_after_the_run_matches_at_its_default_only(checkpointed):
+    """Upgrading fedlora (a new run-config key, saved settings without it) must not orphan a run directory."""
+    assert load_checkpoint(checkpointed.parent, {**settings("fedsvd"), "unlearn-route": "exact"}) is not None
+    with pytest.raises(CheckpointError, match=r"other settings \(unlearn-route None -> 'loku'\)"):
+        load_checkpoint(checkpointed.parent, {**settings("fedsvd"), "unlearn-route": "loku"})
+
+
 def test_a_crash_between_the_two_renames_of_a_save_keeps_the_previous_checkpoint(checkpointed):
     run_dir = checkpointed.parent
     (run_dir / f"{CHECKPOINT}.new").mkdir()  # a save that died while writing the next one

@@ -239,7 +239,7 @@ def test_galore_update_lies_in_the_projector_span_and_its_first_step_is_projecte
     ({"rank-schedule": "dylora", "client-ranks": "2,4", "strategy": "hetlora"},
      "rank-schedule = 'dylora' cannot be combined with client-ranks"),
     ({"rank-schedule": "linear"}, "unknown rank-schedule 'linear'; available: dylora, none"),
-    ({"update-rule": "lion"}, "unknown update-rule 'lion'; available: adam, galore, sgd"),
+    ({"update-rule": "lion"}, "unknown update-rule 'lion'; available: adam, frugal, galore, lora_pro, sgd"),
     ({"galore-rank": 0}, "galore-rank = 0 is invalid"),
     ({"sora-lambda": -1.0}, "sora-lambda = -1.0 is invalid"),
 ])

@@ -57,7 +57,7 @@ def test_replay_equals_training_without_the_client(cls, tmp_path):
     assert waiting.first_round == 1 and waiting.replayed_rounds == [1, 2, 3]
     assert all(np.array_equal(waiting.start[k], v) for k, v in global_state().items())
 
-    done = exact_unlearn(history, "2", plain, retrain=lambda c, g, r: local_training(plain, c, g, r))
+    done = exact_unlearn(history, "2", plain, retrain=lambda cs, g, r: [local_training(plain, c, g, r) for c in cs])
     assert done.route == "replay" and done.exact
     for key, value in without.items():
         np.testing.assert_allclose(done.arrays[key], value, rtol=1e-6, atol=1e-6)

@@ -7,19 +7,23 @@ closed-form trainable parameter count per adapted layer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from common.adapters.allora import allora_config, allora_linear
 from common.adapters.base import AdapterLayer
 from common.adapters.bat import BatConfig, BatLinear, bat_peft_config, bat_trainable_count
 from common.adapters.block_lora import BlockLoRAConfig, BlockLoRALinear, block_lora_trainable_count
 from common.adapters.bone import BoneConfig, BoneLinear, bone_peft_config, bone_trainable_count
+from common.adapters.codyra import CoDyRALinear, codyra_config, codyra_trainable_count
 from common.adapters.diffora import diffora_config, diffora_linear, diffora_trainable_count
 from common.adapters.dora import DoRALinear, dora_trainable_count
-from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count
+from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count, start_from_gradient
+from common.adapters.lora_inits import get_lora_init
 from common.adapters.core_basis import core_trainable_count
 from common.adapters.lamda import LaMDAConfig, lamda_linear
 from common.adapters.lora_xs import LoRAXSConfig, lora_xs_linear
@@ -71,11 +75,9 @@ class AdapterKind:
     # The adapter chooses its adapted modules from data before the run (DiffoRA): the server's public
     # split is carved out of the clients' data for it (`init-data = "public"`)
     selects_modules: bool = False
-
-    @property
-    def reads_init_data(self) -> bool:
-        """Does something before round 1 read data (`init-data` says whose)?"""
-        return self.gradient_init is not None or self.selects_modules
+    # The adapter is LoRA's W0 + s B A and run config `lora-init` chooses how B A starts
+    # (`common/adapters/lora_inits.py`: PiSSA from W0, LoRA-GA from a gradient, through `gradient_init_of`)
+    takes_lora_init: bool = False
 
 
 def lora_peft_config(config: RunConfig, heads: list[str], use_dora: bool = False):
@@ -86,19 +88,20 @@ def lora_peft_config(config: RunConfig, heads: list[str], use_dora: bool = False
                       use_dora=use_dora)
 
 
-def lora_config(c: RunConfig) -> LoRAConfig:
+def lora_config(c: RunConfig, init: str = "default") -> LoRAConfig:
     return LoRAConfig(rank=c.rank, alpha=c.alpha, dropout=c.lora_dropout, target_modules=c.target_module_names,
-                      seed=c.seed)
+                      seed=c.seed, init=init)
 
 
 ADAPTERS: dict[str, AdapterKind] = {
     "lora": AdapterKind(
-        make_config=lora_config,
+        make_config=lambda c: lora_config(c, init=c.lora_init),
         wrap=LoRALinear,
         trainable_factors=("lora_A", "lora_B"),
         exact_averaging=False,  # mean(B) mean(A) != mean(B A); FFA-LoRA and FedSVD train B only
         trainable_count=lora_trainable_count,
         peft_config=lora_peft_config,
+        takes_lora_init=True,
     ),
     "dora": AdapterKind(
         make_config=lora_config,
@@ -239,6 +242,25 @@ ADAPTERS: dict[str, AdapterKind] = {
         rank_identity_reason=("has its own gate g_i, pruned to 0 by SoRA's proximal step, and an SVD of B A "
                               "would mix the ranks under the gates (and ignore g)"),
     ),
+    "codyra": AdapterKind(
+        make_config=codyra_config,
+        wrap=CoDyRALinear,
+        trainable_factors=("lora_A", "lora_B", "codyra_gate"),
+        exact_averaging=False,  # ΔW = B diag(w) A is trilinear
+        trainable_count=codyra_trainable_count,
+        rank_identity_matters=True,
+        rank_identity_reason=("has its own importance weight w_i, pruned to 0 by CoDyRA's proximal step, and an "
+                              "SVD of B A would mix the ranks under the weights (and ignore w)"),
+    ),
+    "allora": AdapterKind(
+        make_config=allora_config,
+        wrap=allora_linear,
+        trainable_factors=("lora_A", "lora_B"),
+        exact_averaging=False,  # LoRA's B A
+        trainable_count=lora_trainable_count,
+        # PEFT's LoRA at lora_alpha = r is ALLoRA's scale-free W0 + B A (the step rule is training-only)
+        peft_config=lambda c, heads: lora_peft_config(dataclasses.replace(c, alpha=float(c.rank)), heads),
+    ),
     "transformed_lora": AdapterKind(
         make_config=lambda c: TransformedLoRAConfig(rank=c.rank, alpha=c.alpha, target_modules=c.target_module_names,
                                                     seed=c.seed),
@@ -258,9 +280,36 @@ ADAPTERS: dict[str, AdapterKind] = {
 }
 
 
+def gradient_init_of(config: RunConfig) -> Callable[[torch.Tensor, object], dict[str, torch.Tensor]] | None:
+    """What turns a layer's full-weight gradient into its frozen factors in this run: the adapter's own
+    (LoRA-SB's bases) or its `lora-init`'s (LoRA-GA's start); None if no init of this run reads a gradient."""
+    kind = get_adapter(config.adapter)
+    if kind.takes_lora_init and get_lora_init(config.lora_init).from_gradient is not None:
+        return start_from_gradient
+    return kind.gradient_init
+
+
+def reads_init_data(config: RunConfig) -> bool:
+    """Does something before round 1 read data (`init-data` says whose)?"""
+    return gradient_init_of(config) is not None or get_adapter(config.adapter).selects_modules
+
+
 def private_init_steps(config: RunConfig) -> int:
-    """DP steps a client spends before round 1: one if the adapter's init reads the clients' data."""
-    return int(config.init_data == "private" and get_adapter(config.adapter).gradient_init is not None)
+    """DP steps a client spends before round 1: one if the run's init reads the clients' data."""
+    return int(config.init_data == "private" and gradient_init_of(config) is not None)
+
+
+def init_summary(config: RunConfig) -> dict | None:
+    """What the run's adapter init read before round 1, for the privacy report: {"name", "data"} with data
+    "public" / "private" (`init-data`) or "none" (data-free, PiSSA); None for an init that is LoRA's own."""
+    kind = get_adapter(config.adapter)
+    lora_init = get_lora_init(config.lora_init) if kind.takes_lora_init else None
+    if reads_init_data(config):
+        named = lora_init is not None and lora_init.from_gradient is not None
+        return {"name": config.lora_init if named else config.adapter, "data": config.init_data}
+    if lora_init is not None and lora_init.offsets_base:
+        return {"name": config.lora_init, "data": "none"}
+    return None
 
 
 def get_adapter(name: str) -> AdapterKind:

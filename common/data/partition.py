@@ -45,13 +45,13 @@ def public_split(config: RunConfig) -> TextDataset:
 
 
 def uses_public_split(config: RunConfig) -> bool:
-    from common.adapters import get_adapter
+    from common.adapters.registry import reads_init_data
 
     if config.base_init == "eora":  # EoRA's calibration set (common/bases/eora_init.py)
         return True
     if config.base == "lq_lora" and config.lq_fisher == "public":  # LQ-LoRA's Fisher (common/bases/fisher.py)
         return True
-    return config.init_data == "public" and get_adapter(config.adapter).reads_init_data
+    return config.init_data == "public" and reads_init_data(config)
 
 
 def client_data(config: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-from common.adapters.registry import private_init_steps
+from common.adapters.registry import init_summary, private_init_steps
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.privacy.accounting import describe_needed_noise, noise_or_inf, poisson_sample_rate
+from common.privacy.accounting import PrivacyStep, describe_needed_noise, epsilon_of, noise_or_inf, poisson_sample_rate
 
 MAX_NOISE_MULTIPLIER = 50.0
 """The most noise a calibrated run may need. Each DP-SGD step adds noise of std sigma * C, along every
@@ -37,16 +37,38 @@ def check_delta(delta: float, num_examples: int) -> None:
         )
 
 
+def check_init_budget(config: RunConfig, num_examples: int) -> None:
+    """ConfigError if an init that reads the clients' data (`init-data = "private"`: LoRA-SB, LoRA-GA) has no
+    budget: at the given noise-multiplier, its one DP step alone spends more than target-epsilon.
+
+    A calibrated noise always leaves room for it (the calibration counts the step, `planned_dp_steps`); a
+    public split (`init-data = "public"`) costs nothing. Without this check every client would refuse round 0.
+    """
+    if not private_init_steps(config) or not math.isfinite(config.target_epsilon):
+        return
+    rate = poisson_sample_rate(num_examples, config.batch_size)
+    spent = epsilon_of([PrivacyStep(0, config.noise_multiplier, rate, 1)], config.delta, config.accountant)
+    if spent > config.target_epsilon:
+        raise ConfigError(
+            f"init-data = 'private' has no budget for the {init_summary(config)['name']} init: its one DP step on a "
+            f"client's data alone spends epsilon {spent:.3g} > target-epsilon = {config.target_epsilon:g} "
+            f"(noise-multiplier = {config.noise_multiplier:g}, sample rate {rate:.3g}, n = {num_examples}); use "
+            f"init-data = 'public' (the server's public split, no privacy cost), or raise target-epsilon or "
+            f"noise-multiplier")
+
+
 def check_privacy_plan(config: RunConfig, num_examples: int) -> None:
     """ConfigError if a client with `num_examples` training examples cannot train this run privately.
 
-    That is: delta >= 1/n, or meeting target-epsilon over the planned steps needs more noise than
-    MAX_NOISE_MULTIPLIER. A non-private run (target-epsilon = inf) has nothing to check.
+    That is: delta >= 1/n, meeting target-epsilon over the planned steps needs more noise than
+    MAX_NOISE_MULTIPLIER, or a private data-driven init has no budget (`check_init_budget`). A non-private
+    run (target-epsilon = inf) has nothing to check.
     """
     if not config.private:
         return
     check_delta(config.delta, num_examples)
     if config.noise_multiplier > 0:
+        check_init_budget(config, num_examples)
         return
     rate = poisson_sample_rate(num_examples, config.batch_size)
     steps = planned_dp_steps(config)

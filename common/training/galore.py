@@ -13,6 +13,7 @@ clipping's memory. Decisions (the card marks them "unsure"): moments are kept ac
 (as the reference code does); the optimizer, and so P, is fresh each round (fedlora's Adam state is too),
 so P is the client's own, taken from its first private gradient of the round; the client sends its
 trained tensors as usual (not N: a server-fixed P that would make averaging N exact is not built yet).
+`galore-projection = "dct"` takes P from the fixed DCT basis instead of an SVD (`dct.py`, card 29).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 
 import torch
 
+from common.training.dct import dct_projector
+
 
 def galore_projector(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, str]:
     """(P, "left") with P = U[:, :r] when m <= n, else (Q, "right") with Q = V[:, :r]: orthonormal columns."""
@@ -28,6 +31,10 @@ def galore_projector(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, str]:
     if grad.shape[0] <= grad.shape[1]:
         return u[:, :rank].to(grad.dtype), "left"
     return vh[:rank].T.to(grad.dtype), "right"
+
+
+# run config `galore-projection` -> (private gradient, rank) -> (P, side); GaLore and FRUGAL (`frugal.py`)
+PROJECTIONS = {"svd": galore_projector, "dct": dct_projector}
 
 
 def project(grad: torch.Tensor, projector: torch.Tensor, side: str) -> torch.Tensor:
@@ -43,9 +50,10 @@ def project_back(low: torch.Tensor, projector: torch.Tensor, side: str) -> torch
 class GaLoreAdam(torch.optim.Optimizer):
     """Adam (torch's formulas, no weight decay) with GaLore's projection on matrices larger than `rank`."""
 
-    def __init__(self, params, lr: float, rank: int, period: int, scale: float,
+    def __init__(self, params, lr: float, rank: int, period: int, scale: float, projection: str = "svd",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, dict(lr=lr, rank=rank, period=period, scale=scale, betas=betas, eps=eps))
+        self.make_projector = PROJECTIONS[projection]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,7 +67,7 @@ class GaLoreAdam(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                 if projected and state["step"] % group["period"] == 0:
-                    state["projector"], state["side"] = galore_projector(p.grad, group["rank"])
+                    state["projector"], state["side"] = self.make_projector(p.grad, group["rank"])
                 grad = project(p.grad, state["projector"], state["side"]) if projected else p.grad
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad)

@@ -3,11 +3,13 @@
 One step of `client/dp_training.py` is:
 
   1. `before_forward(step)`   every piece (a rank schedule sets its rank mask here: data-independent);
-  2. forward, backward        Opacus records per-sample gradients;
+  2. forward, backward        Opacus records per-sample gradients (of the run's `loss`: a mean of
+                              per-example terms, `losses.py`);
   3. privatize                Opacus' `DPOptimizer.pre_step`: per-sample clipping, sum, Gaussian noise,
                               division by the expected batch size; `p.grad` is now the private gradient;
-  4. `before_update()`        every piece, on the private gradient (DyLoRA zeroes its masked ranks);
-  5. the update rule's step   (`update_rules.py`: Adam, SGD, GaLore) on the private gradient;
+  4. `before_update()`        every piece, on the private gradient (DyLoRA zeroes its masked ranks; LoRA-Pro
+                              corrects each LoRA pair's gradients, last);
+  5. the update rule's step   (`update_rules.py`: Adam, SGD, GaLore, FRUGAL) on the private gradient;
   6. `after_update()`         every piece (SoRA's proximal step, DyLoRA restoring its masked ranks).
 
 Steps 4 to 6 read only the private gradient, the parameters and data-independent state, so they are

@@ -2,7 +2,10 @@
 
 Each rule builds a `torch.optim.Optimizer` over the trainable parameters; Opacus wraps it, and
 `common/training/pieces.py` calls its `step()` only after clipping and noise, so the rule reads nothing
-but the private gradient: any rule is post-processing and costs no privacy.
+but the private gradient: any rule is post-processing and costs no privacy. A rule may also bring a
+`gradient_piece` that rewrites the private gradient just before its step (LoRA-Pro's correction needs the
+model's LoRA pairs, frozen factors included, which the optimizer's trainable parameters do not carry):
+`common.training.step_pieces` adds it last.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from torch import nn
 
 from common.config import RunConfig
 from common.errors import ConfigError
+from common.training.frugal import FrugalAdam
 from common.training.galore import GaLoreAdam
+from common.training.lora_pro import PLAIN_LORA, LoRAProCorrection
+from common.training.pieces import StepPiece
 
 # (trainable (name, parameter) pairs in model order, learning rate) -> optimizer
 OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]], float], torch.optim.Optimizer]
@@ -25,6 +31,9 @@ OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]], float], torch.optim
 class UpdateRule:
     make: Callable[[RunConfig], OptimizerFactory]  # binds the rule's own run-config settings
     summary: str
+    gradient_piece: Callable[[nn.Module], StepPiece] | None = None  # (model) -> piece run before the step
+    adapters: tuple[str, ...] = ()  # the adapters it can train; () = any
+    projected: bool = False  # reads `galore-projection`
 
 
 def _params(named: list[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
@@ -42,8 +51,24 @@ UPDATE_RULES: dict[str, UpdateRule] = {
     ),
     "galore": UpdateRule(
         make=lambda c: lambda named, lr: GaLoreAdam(_params(named), lr=lr, rank=c.galore_rank,
-                                                   period=c.galore_period, scale=c.galore_scale),
+                                                   period=c.galore_period, scale=c.galore_scale,
+                                                   projection=c.galore_projection),
         summary="GaLore: Adam with moments in a rank-`galore-rank` projection of each matrix's private gradient",
+        projected=True,
+    ),
+    "frugal": UpdateRule(
+        make=lambda c: lambda named, lr: FrugalAdam(_params(named), lr=lr, density=c.frugal_density,
+                                                   period=c.frugal_period, sign_lr_scale=c.frugal_sign_lr_scale,
+                                                   projection=c.galore_projection),
+        summary="FRUGAL: Adam in a `frugal-density` subspace of each matrix's private gradient, signSGD on the rest",
+        projected=True,
+    ),
+    "lora_pro": UpdateRule(
+        make=lambda c: lambda named, lr: torch.optim.Adam(_params(named), lr=lr),
+        summary="LoRA-Pro: each LoRA pair's private gradients corrected so that s (B g_A + g_B A) is the best "
+                "approximation of the full-weight gradient, then Adam",
+        gradient_piece=LoRAProCorrection,
+        adapters=PLAIN_LORA,
     ),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from common.adapters import get_adapter
+from common.adapters.lora_inits import strategy_problem
 from common.errors import ConfigError
 from server.strategies.base import LoRAStrategy
 from server.strategies.fedavg_lora import FedAvgLoRA
@@ -35,10 +36,16 @@ def get_strategy(name: str) -> type[LoRAStrategy]:
     return STRATEGIES[name]
 
 
-def check_compatible(strategy: str, adapter: str, client_ranks: tuple[int, ...] = ()) -> None:
+def check_compatible(strategy: str, adapter: str, client_ranks: tuple[int, ...] = (), lora_init: str = "default"
+                     ) -> None:
     """A strategy whose math needs LoRA's A and B cannot run an adapter that trains other factors;
-    clients of different ranks need a rank-heterogeneous strategy."""
+    clients of different ranks need a rank-heterogeneous strategy; a `lora-init` start must reach every client."""
     cls = get_strategy(strategy)
+    problem = strategy_problem(lora_init, cls)
+    if problem:
+        fits = sorted(name for name, c in STRATEGIES.items() if not strategy_problem(lora_init, c))
+        raise ConfigError(f"lora-init = {lora_init!r} {problem} (strategy {strategy!r}): use strategy {' or '.join(repr(f) for f in fits)}, "
+                          f"or lora-init = 'default'")
     if client_ranks and not cls.rank_heterogeneous:
         hetero = sorted(name for name, c in STRATEGIES.items() if c.rank_heterogeneous)
         raise ConfigError(f"client-ranks needs a rank-heterogeneous strategy, and {strategy!r} is not one: "

@@ -231,12 +231,17 @@ class LoRAStrategy(FedAvg):
                         ) -> Iterable[Message]:
         self.global_arrays = from_record(arrays)
         nodes = self._sample(grid, server_round)
+        self.prepare_round(grid, nodes)
+        return self.train_messages(server_round, nodes, config)
+
+    def train_messages(self, server_round: int, nodes: list[int], config: ConfigRecord) -> list[Message]:
+        """The round's training instruction to each of `nodes`, from the global in `self.global_arrays` (also
+        what an unlearning replay sends its chosen nodes: server/unlearn_federated.py)."""
         config["server-round"] = server_round
         config["frozen"] = ",".join(self.frozen_factors)
         config["personal"] = ",".join(self.personal_factors)
         config["run-dir"] = self.run_dir
         config["fold"] = int(self.fold_global)
-        self.prepare_round(grid, nodes)
         down = self.downlink(self.global_arrays)
         messages, self.last_bytes_down = [], 0
         for node in nodes:

@@ -1,0 +1,142 @@
+"""Every training procedure of `common/training/` on the default model: memory, DP step cost, bytes, accuracy.
+
+For each procedure (an update rule, rank schedule, loss or init, as run-config overrides on LoRA under
+`fedavg_lora`, so both factors train): seconds per local step with and without Opacus DP-SGD, built exactly
+as a client round builds them (`client.train_round.training_parts`: the run's update rule, step pieces and
+loss), the update rule's state after the steps (Adam's moments, GaLore's projected moments, ...), the peak
+resident memory of the process that ran it (one fresh process per procedure, so the figures do not mix),
+the bytes a client sends per round, and with `--federated` the global accuracy after a short federated DP
+run (the demo's simulation, 2 clients, IID).
+
+    python -m simulations.bench_training [--procedures adam,galore] [--steps 5] [--repeats 2] [--federated]
+
+Timings are only comparable on a quiet machine: run nothing else meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# name -> run-config overrides (on top of the LoRA defaults; strategy fedavg_lora: nothing frozen)
+PROCEDURES: dict[str, dict] = {
+    "adam": {},
+    "sgd": {"update-rule": "sgd", "lr": 0.1},
+    "galore": {"update-rule": "galore"},
+    "galore-dct": {"update-rule": "galore", "galore-projection": "dct"},
+    "frugal": {"update-rule": "frugal"},
+    "lora_pro": {"update-rule": "lora_pro"},
+    "dylora": {"rank-schedule": "dylora"},
+    "sora": {"adapter": "sora"},
+    "ba_lora": {"loss": "ba_lora"},
+    "ggpo": {"ggpo-rho": 0.05},
+    "pissa": {"lora-init": "pissa"},
+}
+FEDERATED = {"num-rounds": 2, "clients-per-round": 2, "local-steps": 5, "examples-per-class": 100,
+             "max-seq-len": 32, "target-epsilon": 8.0, "partitioner": "iid", "strategy": "fedavg_lora"}
+
+
+def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, seq_len: int) -> dict:
+    """One procedure, in this process: step times (median over alternating repeats), state, payload bytes."""
+    import statistics
+    import time
+
+    import torch
+
+    from client.dp_training import DPSettings, fresh_generator, train_locally
+    from client.train_round import training_parts
+    from common.config import RunConfig
+    from common.data.partition import client_data
+    from common.model import build_model, pick_device
+    from common.payload import trainable_state
+    from common.tensors import encode
+
+    config = RunConfig.from_flower({**RunConfig(strategy="fedavg_lora", batch_size=batch_size,
+                                                max_seq_len=seq_len).to_flower(), **PROCEDURES[name]})
+    data = client_data(config, 0, 1).train
+    device = pick_device()
+    modes = {"plain": None, "dp": 1.0}
+    timings: dict[str, list[float]] = {mode: [] for mode in modes}
+    state_bytes, payload_bytes = 0, 0
+    for repeat in range(repeats):
+        for mode in (list(modes) if repeat % 2 == 0 else list(reversed(modes))):
+            adapted = build_model(config, num_labels=len(data.label_names))
+            payload_bytes = sum(v.nbytes for v in trainable_state(adapted.model).values())
+            encoded = encode(adapted.tokenizer, data, config.max_seq_len)
+
+            def run(n: int, seed: int):
+                parts = training_parts(config, adapted.model, server_round=1)
+                return train_locally(adapted.model, encoded, steps=n, batch_size=config.batch_size, lr=config.lr,
+                                     dp=DPSettings(noise_multiplier=modes[mode], max_grad_norm=1.0), device=device,
+                                     trim_padding=False, sampling_generator=fresh_generator(torch.device("cpu"),
+                                                                                            seed=seed), **parts)
+
+            run(warmup, repeat)
+            start = time.perf_counter()
+            result = run(steps, repeat)
+            timings[mode].append((time.perf_counter() - start) / steps)
+            state_bytes = max(state_bytes, result.optimizer_state_bytes)
+            print(f"  {name}: repeat {repeat + 1}/{repeats} {mode}: {timings[mode][-1] * 1000:.0f} ms/step",
+                  file=sys.stderr, flush=True)
+    plain, private = (statistics.median(timings[mode]) for mode in modes)
+    return {"procedure": name, "plain_s": plain, "dp_s": private, "ratio": private / plain,
+            "state_bytes": state_bytes, "payload_bytes": payload_bytes,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def federated_accuracy(name: str) -> float:
+    """Global test accuracy after the short federated DP run in `FEDERATED` with the procedure's settings."""
+    from simulations.flower_sim import flwr_run, simulation_superlink
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-training-{name}-"))
+    with simulation_superlink() as env:
+        code = flwr_run(env, {**FEDERATED, **PROCEDURES[name], "run-dir": str(run_dir)}, num_supernodes=2)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"] if code == 0 else []
+    return rounds[-1].get("global-accuracy", float("nan")) if rounds else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procedures", default=",".join(PROCEDURES), help="comma-separated names")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--federated", action="store_true", help="also run a short federated DP run each")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure one, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps, args.warmup, args.repeats, args.batch_size, args.seq_len)))
+        return
+    names = [n.strip() for n in args.procedures.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROCEDURES]
+    if unknown:
+        parser.error(f"unknown procedure(s) {', '.join(unknown)}; available: {', '.join(PROCEDURES)}")
+    rows = []
+    for name in names:
+        child = subprocess.run([sys.executable, "-m", "simulations.bench_training", "--one", name,
+                                "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
+                                str(args.repeats), "--batch-size", str(args.batch_size), "--seq-len",
+                                str(args.seq_len)], stdout=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            print(f"{name}: failed (exit {child.returncode}); see above", file=sys.stderr)
+            continue
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        row["accuracy"] = federated_accuracy(name) if args.federated else float("nan")
+        rows.append(row)
+    print(f"\n{'procedure':<11} {'non-DP ms':>9} {'DP ms':>7} {'ratio':>6} {'state MiB':>9} {'peak RSS MiB':>12} "
+          f"{'MiB up/round':>12} {'accuracy':>8}")
+    for r in rows:
+        print(f"{r['procedure']:<11} {r['plain_s'] * 1000:>9.0f} {r['dp_s'] * 1000:>7.0f} {r['ratio']:>6.2f} "
+              f"{r['state_bytes'] / 2**20:>9.2f} {r['peak_rss_mib']:>12.0f} {r['payload_bytes'] / 2**20:>12.2f} "
+              f"{r['accuracy']:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()
