@@ -83,6 +83,7 @@ class RunConfig:
     salt_lora_rank: int = 8
     block_lora_blocks: int = 4
     sltrain_density: float = 0.03
+    sara_density: float = 0.1
     smora_top_k: int = 2
     diffora_modules: str = ""
     diffora_keep: float = 0.5
@@ -320,6 +321,8 @@ _RULES = [
     ("salt_lora_rank", _positive, "the rank of SALT's LoRA on the remaining subspace must be an integer >= 1"),
     ("block_lora_blocks", _positive, "Block-LoRA splits the input into at least one block"),
     ("sltrain_density", lambda v: 0.0 < v <= 1.0, "SLTrain's sparse support is a fraction of W in (0, 1], e.g. 0.03"),
+    ("sara_density", lambda v: 0.0 < v <= 1.0,
+     "SaRA trains this fraction of each W0, its smallest-magnitude entries: in (0, 1], e.g. 0.1"),
     ("smora_top_k", _positive, "SMoRA activates at least one rank (expert) per token; at most rank"),
     ("diffora_keep", lambda v: 0.0 < v <= 1.0, "DiffoRA keeps a fraction in (0, 1] of the candidate modules"),
     ("init_data", lambda v: v in INIT_DATA, f"choose one of {', '.join(INIT_DATA)}"),

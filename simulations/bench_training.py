@@ -36,6 +36,9 @@ PROCEDURES: dict[str, dict] = {
     "ba_lora": {"loss": "ba_lora"},
     "ggpo": {"ggpo-rho": 0.05},
     "pissa": {"lora-init": "pissa"},
+    "allora": {"adapter": "allora"},
+    "codyra": {"adapter": "codyra"},
+    "sara": {"adapter": "sara"},
 }
 FEDERATED = {"num-rounds": 2, "clients-per-round": 2, "local-steps": 5, "examples-per-class": 100,
              "max-seq-len": 32, "target-epsilon": 8.0, "partitioner": "iid", "strategy": "fedavg_lora"}

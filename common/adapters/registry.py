@@ -35,6 +35,7 @@ from common.adapters.nola import NOLAConfig, NOLALinear, nola_trainable_count
 from common.adapters.randlora import (RandLoRAConfig, RandLoRALinear, fill_peft_bases, randlora_peft_config,
                                       randlora_trainable_count)
 from common.adapters.salt import SALTConfig, SALTLinear, salt_trainable_count
+from common.adapters.sara import SaRAConfig, SaRALinear, sara_trainable_count
 from common.adapters.sltrain import SLTrainConfig, SLTrainLinear, sltrain_trainable_count
 from common.adapters.smora import SMoRAConfig, SMoRALinear, smora_trainable_count
 from common.adapters.sora import SoRALinear, sora_trainable_count
@@ -221,6 +222,13 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("lora_A", "lora_B", "sltrain_S"),
         exact_averaging=False,  # S's values average exactly (one seeded support), B A does not
         trainable_count=sltrain_trainable_count,
+    ),
+    "sara": AdapterKind(
+        make_config=lambda c: SaRAConfig(density=c.sara_density, target_modules=c.target_module_names),
+        wrap=SaRALinear,
+        trainable_factors=("sara_delta",),
+        exact_averaging=True,  # ΔW = scatter(Ω, δ) is linear in δ, on the one Ω every party computes from W0
+        trainable_count=sara_trainable_count,
     ),
     "smora": AdapterKind(
         make_config=lambda c: SMoRAConfig(rank=c.rank, alpha=c.alpha, top_k=c.smora_top_k,

@@ -95,6 +95,10 @@ def _check_adapter_pieces(config: RunConfig) -> None:
     if config.adapter == "allora" and config.lora_dropout > 0:
         raise ConfigError(f"lora-dropout = {config.lora_dropout:g} with adapter 'allora': ALLoRA trains without "
                           f"dropout (it only regularizes long runs); set lora-dropout = 0")
+    if config.adapter == "sara" and get_update_rule(config.update_rule).projected:
+        raise ConfigError(f"update-rule = {config.update_rule!r} projects matrix gradients, and adapter 'sara' trains "
+                          f"one vector of values per layer (the projection would never touch it): use update-rule "
+                          f"'adam' or 'sgd'")
 
 
 def _check_rank_growth(config: RunConfig) -> None:
