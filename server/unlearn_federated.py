@@ -92,10 +92,14 @@ class FederatedRetrain:
     def __init__(self, grid: Grid, config: RunConfig, strategy: LoRAStrategy):
         self.grid, self.config, self.strategy = grid, config, strategy
         self.ledgers: dict[str, dict] = {}
+        self.nodes: dict[str, int] = {}  # client id -> node id, asked once per client, not once per round
 
     def __call__(self, clients: list[str], arrays: dict[str, np.ndarray], server_round: int
                  ) -> list[tuple[dict[str, np.ndarray], float]]:
-        nodes = client_nodes(self.grid, set(clients))
+        unknown = set(clients) - set(self.nodes)
+        if unknown:
+            self.nodes.update(client_nodes(self.grid, unknown))
+        nodes = self.nodes
         self.strategy.global_arrays = dict(arrays)
         settings = ConfigRecord({"run-config": json.dumps(self.config.to_flower(), default=str)})
         messages = self.strategy.train_messages(server_round, [nodes[c] for c in clients], settings)

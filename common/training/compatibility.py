@@ -43,12 +43,10 @@ def check_training(config: RunConfig) -> None:
             f"rank prefix at scale alpha/b; use rank-schedule = 'none' or update-rule = 'adam'"
         )
     if schedule.adapters and config.adapter not in schedule.adapters:
-        kind = ADAPTERS.get(config.adapter)
-        has = f"trains {', '.join(kind.trainable_factors)}" if kind else "is unknown"
         raise ConfigError(
             f"rank-schedule = {config.rank_schedule!r} truncates the rank dimension of a LoRA pair B A, and "
-            f"adapter {config.adapter!r} {has}, without a rank the schedule can mask: use adapter "
-            f"{' or '.join(repr(a) for a in schedule.adapters)}, or rank-schedule = 'none'"
+            f"adapter {config.adapter!r} {_what_it_trains(config.adapter)}, without a rank the schedule can mask: "
+            f"use adapter {' or '.join(repr(a) for a in schedule.adapters)}, or rank-schedule = 'none'"
         )
     if schedule.adapters:
         get_adapter(config.adapter)
@@ -70,12 +68,10 @@ def _check_update_rule(config: RunConfig, rule: UpdateRule) -> None:
                           f"{' or '.join(users)}, but update-rule = {config.update_rule!r} would ignore it: set "
                           f"update-rule to one of them or galore-projection = 'svd'")
     if rule.adapters and config.adapter not in rule.adapters:
-        kind = ADAPTERS.get(config.adapter)
-        has = f"trains {', '.join(kind.trainable_factors)}" if kind else "is unknown"
         raise ConfigError(
             f"update-rule = {config.update_rule!r} corrects the gradients of plain LoRA pairs (ΔW = s B A), and "
-            f"adapter {config.adapter!r} {has}: use adapter {' or '.join(repr(a) for a in rule.adapters)}, or "
-            f"update-rule = 'adam'"
+            f"adapter {config.adapter!r} {_what_it_trains(config.adapter)}: use adapter "
+            f"{' or '.join(repr(a) for a in rule.adapters)}, or update-rule = 'adam'"
         )
 
 
@@ -113,9 +109,8 @@ def _check_rank_growth(config: RunConfig) -> None:
         return
     growth = f"rank-growth = {config.rank_growth!r}"
     if config.adapter not in GROWTH_ADAPTERS:
-        kind = ADAPTERS.get(config.adapter)
-        has = f"trains {', '.join(kind.trainable_factors)}" if kind else "is unknown"
-        raise ConfigError(f"{growth} appends ranks to a plain LoRA pair B A, and adapter {config.adapter!r} {has}: "
+        raise ConfigError(f"{growth} appends ranks to a plain LoRA pair B A, and adapter {config.adapter!r} "
+                          f"{_what_it_trains(config.adapter)}: "
                           f"use adapter {' or '.join(map(repr, GROWTH_ADAPTERS))}, or rank-growth = 'none'")
     if config.strategy not in GROWTH_STRATEGIES:
         raise ConfigError(f"{growth} cannot run with strategy {config.strategy!r}: the server grows the global "
@@ -137,3 +132,8 @@ def _check_rank_growth(config: RunConfig) -> None:
         if bad:
             raise ConfigError(f"{growth} cannot be combined with {what}: use {fix} or rank-growth = 'none'")
 
+
+def _what_it_trains(adapter: str) -> str:
+    """"trains lora_A, lora_B" (the adapter's trainable factors), for the refusals that name what would work."""
+    kind = ADAPTERS.get(adapter)
+    return f"trains {', '.join(kind.trainable_factors)}" if kind else "is unknown"
