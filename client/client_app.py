@@ -51,6 +51,17 @@ def factor_names(settings: ConfigRecord, key: str) -> tuple[str, ...]:
     return tuple(part for part in str(settings.get(key, "")).split(",") if part)
 
 
+def layer_list(settings: ConfigRecord) -> tuple[int, ...] | None:
+    """The instruction's `train-layers` (LISA / OwLore: "1,4"), or None when the server samples no layers."""
+    if "train-layers" not in settings:
+        return None
+    try:
+        return tuple(int(part) for part in str(settings["train-layers"]).split(",") if part)
+    except ValueError:
+        raise FedloraError(f"the server's train-layers {str(settings['train-layers'])[:80]!r} is not a list of "
+                           f"layer numbers") from None
+
+
 def error_reply(msg: Message, err: FedloraError) -> Message:
     """A user-facing error (a corrupted ledger, a bad data file) as one log line and an error reply:
     the server logs it as this node's fault, and nothing is trained or spent."""
@@ -77,7 +88,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     config = config_for_rank(config, rank)
     outcome = train_round(config, identity, from_record(msg.content["arrays"]), frozen,
                           int(settings["server-round"]), fold=bool(settings.get("fold", 0)),
-                          personal=factor_names(settings, "personal"))
+                          personal=factor_names(settings, "personal"), train_layers=layer_list(settings))
     if outcome.refused:
         log.warning("client %s refuses round %s: %s", identity.client_id, settings["server-round"], outcome.reason)
     else:

@@ -18,6 +18,7 @@ from common.adapters.registry import get_adapter
 from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
+from common.layer_sampling import freeze_other_layers
 from common.model import build_model, pick_device
 from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
@@ -81,6 +82,7 @@ def noise_for(config: RunConfig, sample_rate: float) -> float | None:
 def train_round(
     config: RunConfig, identity: ClientIdentity, arrays: dict[str, np.ndarray], frozen: tuple[str, ...],
     server_round: int, fold: bool = False, personal: tuple[str, ...] = (),
+    train_layers: tuple[int, ...] | None = None,
 ) -> TrainOutcome:
     """Train the received adapter locally under DP-SGD, or refuse if the budget does not allow it.
 
@@ -88,6 +90,8 @@ def train_round(
     client trains a fresh LoRA of its own rank on top; otherwise they initialise the client's LoRA.
     `personal`: factors this client keeps (FedSA-LoRA's `lora_B`): loaded from its own disk before training
     (the adapter's init in its first round), trained in the same DP-SGD steps, saved after, never returned.
+    `train_layers`: the transformer layers the server sampled this round (LISA, OwLore): the other layers'
+    tensors stay frozen and are not returned; None trains every layer.
     """
     ledger = open_ledger(config, identity)  # first: a corrupted ledger stops the round before any data is read
     data = client_data(config, identity.partition_id, identity.num_partitions)
@@ -113,6 +117,8 @@ def train_round(
     for name, parameter in adapted.model.named_parameters():
         if any(part in frozen for part in name.split(".")):
             parameter.requires_grad_(False)
+    if train_layers is not None:
+        freeze_other_layers(adapted.model, train_layers)
     sent = [name for name in adapted.trainable if not any(part in personal for part in name.split("."))]
     result = train_locally(
         adapted.model, encode(adapted.tokenizer, data.train, config.max_seq_len),

@@ -44,6 +44,9 @@ LQ_MIN_BITS = 2.0634765625
 # linearly falling threshold). Both read only the aggregated adapter; "private" scores are refused.
 RANK_GROWTHS = ("none", "incre_lora", "tri_adapt_lora")
 RANK_GROWTH_SCORES = ("aggregate", "private")
+# Which transformer layers train each round (`common/layer_sampling.py`): all (none), LISA's uniform draw,
+# OwLore's draw weighted by each layer's outlier ratio on the public split.
+LAYER_SAMPLINGS = ("none", "lisa", "owlore")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,10 @@ class RunConfig:
     rank_growth_budget: int = 0
     rank_growth_per_round: int = 2
     rank_growth_ema: float = 0.85
+    layer_sampling: str = "none"
+    layers_per_round: int = 2
+    owlore_threshold: float = 5.0
+    train_embeddings: bool = False
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -203,8 +210,8 @@ class RunConfig:
         self._validate_base()
         # the defaults need no registry import
         if (self.update_rule, self.rank_schedule, self.loss, self.galore_projection, self.ggpo_rho, self.adapter,
-                self.rank_growth, self.rank_growth_scores) != (
-                "adam", "none", "cross_entropy", "svd", 0.0, "lora", "none", "aggregate"):
+                self.rank_growth, self.rank_growth_scores, self.layer_sampling) != (
+                "adam", "none", "cross_entropy", "svd", 0.0, "lora", "none", "aggregate", "none"):
             from common.training.compatibility import check_training  # its registries import this module
 
             check_training(self)
@@ -396,6 +403,10 @@ _RULES = [
     ("codyra_levels", lambda v: v >= 2, "CoDyRA's threshold climbs from 0 to κ in this many levels: an integer >= 2"),
     ("codyra_dense", lambda v: 0.0 <= v < 1.0,
      "CoDyRA's dense phase (no pruning) is this fraction of the run's steps: in [0, 1) (paper: 0.5)"),
+    ("layer_sampling", lambda v: v in LAYER_SAMPLINGS, f"choose one of {', '.join(LAYER_SAMPLINGS)}"),
+    ("layers_per_round", _positive, "LISA / OwLore train at least one transformer layer a round"),
+    ("owlore_threshold", lambda v: v > 0 and math.isfinite(v),
+     "OwLore counts entries of |W0| x input norm above this multiple of their mean: must be > 0 (OWL: 5 to 10)"),
     ("rank_growth", lambda v: v in RANK_GROWTHS, f"choose one of {', '.join(RANK_GROWTHS)}"),
     ("rank_growth_scores", lambda v: v in RANK_GROWTH_SCORES, f"choose one of {', '.join(RANK_GROWTH_SCORES)}"),
     ("rank_growth_budget", lambda v: v >= 0,

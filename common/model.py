@@ -84,6 +84,10 @@ def _template(model: str, num_labels: int, config: RunConfig) -> AdaptedModel:
     for name, parameter in network.named_parameters():
         if name in head:
             parameter.requires_grad_(True)
+    if config.train_embeddings:  # LISA trains the input embeddings every round; they travel (and export) as the head
+        embeddings = network.get_input_embeddings().weight
+        embeddings.requires_grad_(True)
+        head += [name for name, parameter in network.named_parameters() if parameter is embeddings]
     check_base(config)
     network, index_maps = prune_base(config, network)  # LoRAM: the adapters get the pruned shapes
     adapted = inject_adapters(network, config)

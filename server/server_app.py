@@ -41,6 +41,7 @@ from server.aggregation import lora_layer_keys
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.report import build_report, describe_fault, write_report
 from server.strategies import check_compatible, get_strategy
+from server.strategies.layer_sampling import with_layer_sampling
 from server.contributions import with_stored_contributions
 from server.strategies.rank_growth import with_rank_growth
 from server.strategies.user_dp import with_user_level_dp
@@ -113,6 +114,8 @@ def run(grid: Grid, context: Context) -> Path:
         strategy_class = with_user_level_dp(strategy_class)
     if config.store_contributions:  # exact unlearning later (server/unlearn.py); refused for non-linear merges
         strategy_class = with_stored_contributions(strategy_class)
+    if config.layer_sampling != "none":  # LISA / OwLore: each round's replies carry the sampled layers only
+        strategy_class = with_layer_sampling(strategy_class)
     if config.rank_growth != "none":  # last: it grows what the strategy (and any user-level noise) aggregated
         strategy_class = with_rank_growth(strategy_class)
     run_dir = resolve_run_dir(config)

@@ -22,6 +22,7 @@ from common.adapters.bone import BoneConfig, BoneLinear, bone_peft_config, bone_
 from common.adapters.codyra import CoDyRALinear, codyra_config, codyra_trainable_count
 from common.adapters.diffora import diffora_config, diffora_linear, diffora_trainable_count
 from common.adapters.dora import DoRALinear, dora_trainable_count
+from common.adapters.full import FullConfig, FullLinear, full_trainable_count
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count, start_from_gradient
 from common.adapters.lora_inits import get_lora_init
 from common.adapters.core_basis import core_trainable_count
@@ -229,6 +230,13 @@ ADAPTERS: dict[str, AdapterKind] = {
         trainable_factors=("sara_delta",),
         exact_averaging=True,  # ΔW = scatter(Ω, δ) is linear in δ, on the one Ω every party computes from W0
         trainable_count=sara_trainable_count,
+    ),
+    "full": AdapterKind(
+        make_config=lambda c: FullConfig(target_modules=c.target_module_names),
+        wrap=FullLinear,
+        trainable_factors=("full_delta",),
+        exact_averaging=True,  # W0 + ΔW is linear in ΔW: the mean of the ΔW is the mean of the weights
+        trainable_count=full_trainable_count,
     ),
     "smora": AdapterKind(
         make_config=lambda c: SMoRAConfig(rank=c.rank, alpha=c.alpha, top_k=c.smora_top_k,

@@ -40,7 +40,8 @@ def global_test_set(config: RunConfig) -> TextDataset:
 def public_split(config: RunConfig) -> TextDataset:
     """The server's public split (`public-examples` examples no client holds), for data-driven inits."""
     if not uses_public_split(config):
-        raise DataError(f"adapter {config.adapter!r} with init-data = {config.init_data!r} has no public split")
+        raise DataError(f"adapter {config.adapter!r} with init-data = {config.init_data!r} and layer-sampling = "
+                        f"{config.layer_sampling!r} has no public split")
     return _client_pool(config)[1]
 
 
@@ -50,6 +51,8 @@ def uses_public_split(config: RunConfig) -> bool:
     if config.base_init == "eora":  # EoRA's calibration set (common/bases/eora_init.py)
         return True
     if config.base == "lq_lora" and config.lq_fisher == "public":  # LQ-LoRA's Fisher (common/bases/fisher.py)
+        return True
+    if config.layer_sampling == "owlore":  # OwLore's outlier ratios (common/layer_sampling.py)
         return True
     return config.init_data == "public" and reads_init_data(config)
 

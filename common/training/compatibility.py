@@ -23,6 +23,9 @@ from common.training.update_rules import UPDATE_RULES, UpdateRule, get_update_ru
 # each client's B on its disk (the server cannot grow it), the rank-heterogeneous ones set ranks themselves.
 GROWTH_ADAPTERS = ("lora", "allora")
 GROWTH_STRATEGIES = ("fedavg_lora", "fedsvd")
+# Layer sampling (`common/layer_sampling.py`) sends a round's sampled layers only; these strategies average each
+# key of the replies on its own (FedSVD re-factors every layer after, which leaves an unchanged B A unchanged).
+SAMPLING_STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsvd")
 
 
 def check_training(config: RunConfig) -> None:
@@ -31,6 +34,7 @@ def check_training(config: RunConfig) -> None:
     _check_loss(config)
     _check_adapter_pieces(config)
     _check_rank_growth(config)
+    _check_layer_sampling(config)
     if config.ggpo_rho > 0 and config.adapter not in PLAIN_LORA:
         raise ConfigError(f"ggpo-rho = {config.ggpo_rho:g} perturbs W0 + s B A of plain LoRA layers, and adapter "
                           f"{config.adapter!r} has other factors: use adapter {' or '.join(map(repr, PLAIN_LORA))}, "
@@ -131,6 +135,30 @@ def _check_rank_growth(config: RunConfig) -> None:
     for bad, what, fix in others:
         if bad:
             raise ConfigError(f"{growth} cannot be combined with {what}: use {fix} or rank-growth = 'none'")
+
+
+def _check_layer_sampling(config: RunConfig) -> None:
+    """LISA / OwLore: replies carry a different set of keys each round, which only per-key averaging follows."""
+    if config.layer_sampling == "none":
+        return
+    from common.layer_sampling import get_layer_sampler
+
+    get_layer_sampler(config.layer_sampling)
+    sampling = f"layer-sampling = {config.layer_sampling!r}"
+    if config.strategy not in SAMPLING_STRATEGIES:
+        raise ConfigError(f"{sampling} cannot run with strategy {config.strategy!r}: each round's replies carry only "
+                          f"the sampled layers, which the strategies that average each tensor on its own follow; "
+                          f"use strategy {' or '.join(map(repr, SAMPLING_STRATEGIES))}, or layer-sampling = 'none'")
+    others = [(config.rank_growth != "none", f"rank-growth = {config.rank_growth!r} (it scores every layer's "
+                                             f"update each round)", "rank-growth = 'none'"),
+              (config.store_contributions or bool(config.unlearn_client),
+               "store-contributions / unlearn-client (exact unlearning replays rounds whose layer sets it does not "
+               "store yet)", "store-contributions = false"),
+              (config.user_level, f"user-clip-norm = {config.user_clip_norm:g} (user-level DP clips and noises the "
+                                  f"whole update, not a round's layers)", "user-clip-norm = 0")]
+    for bad, what, fix in others:
+        if bad:
+            raise ConfigError(f"{sampling} cannot be combined with {what}: use {fix} or layer-sampling = 'none'")
 
 
 def _what_it_trains(adapter: str) -> str:
