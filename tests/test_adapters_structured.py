@@ -206,7 +206,8 @@ def test_sltrain_update_is_lora_plus_the_values_scattered_on_a_support_rebuilt_f
 
 
 def test_sltrain_per_sample_value_gradients_are_the_dense_ones_gathered_on_the_support_in_any_chunking():
-    """Per example, Σ_t g_t x_tᵀ (a dense d_out x d_in gradient) read at Ω; chunks of 1 and of 7 positions."""
+    """Per example, Σ_t g_t x_tᵀ (a dense d_out x d_in gradient) read at Ω: by gathers in chunks of 1 and 7
+    positions (dense path off), and by the batched matmul one, three and all examples at a time."""
     from common.adapters.sltrain import support_gradient
 
     generator = torch.Generator().manual_seed(3)
@@ -214,7 +215,11 @@ def test_sltrain_per_sample_value_gradients_are_the_dense_ones_gathered_on_the_s
     rows, cols = torch.tensor([0, 0, 2, 5, 5, 3]), torch.tensor([1, 8, 4, 0, 7, 3])
     dense = torch.einsum("nto,nti->noi", g, x)
     for chunk in (1, 7 * 4 * 5, 2**22):
-        torch.testing.assert_close(support_gradient(g, x, rows, cols, chunk_elements=chunk), dense[:, rows, cols])
+        torch.testing.assert_close(support_gradient(g, x, rows, cols, chunk_elements=chunk, dense_elements=0),
+                                   dense[:, rows, cols])
+    for examples_at_once in (1, 3, 4):
+        torch.testing.assert_close(support_gradient(g, x, rows, cols, dense_elements=examples_at_once * 6 * 9),
+                                   dense[:, rows, cols])
 
 
 def test_sltrain_trains_only_on_its_support():

@@ -8,8 +8,8 @@ weight's bytes). ΔW is linear in δ on one shared Ω, so averaging the clients'
 ΔW (`fedavg_lora`); strategies built on LoRA's A and B refuse it through the registry.
 
 DP: δ's per-example gradient is (Σ_t g_t x_tᵀ) read at Ω. It reuses SLTrain's `SparseValues` and its
-registered Opacus grad sampler (`sltrain.py`), which gathers it on Ω only (memory batch x k, never a
-d_out x d_in matrix per example).
+registered Opacus grad sampler (`sltrain.py`): a batched matmul of a few examples at a time read at Ω for
+layers up to 2^24 entries, a gather on Ω for larger ones (memory bounded either way).
 
 Decisions (the card marks them "unsure"): ρ is run config `sara-density`, default 0.1 (the card's
 10-20%); at least one position per layer; ties in |W0| go to the earlier row-major position (a stable

@@ -9,9 +9,13 @@ averages as LoRA's factors do (inexactly), so the adapter as a whole is declared
 (A frozen from the seed, B and S trained) the whole update is linear in what travels, and exact.
 
 DP: the per-example gradient of the value at (i, j) is Σ_t g_t[i] x_t[j] (g the gradient at the layer
-output). `support_gradient` gathers those rows of g and columns of x in chunks of Ω, so memory stays at
-batch x |Ω| plus one bounded chunk, never a d_out x d_in matrix per example. The forward builds the
-dense S once per batch (like W0, not per example) and applies it with one matmul.
+output). `support_gradient` computes it one of two ways, both exact, memory bounded by `DENSE_ELEMENTS`:
+for a layer of at most that many entries, the dense per-example gradients gᵀx of a few examples at a time
+(one batched matmul, `DENSE_ELEMENTS` floats at most) read at Ω; for larger layers, the rows of g and
+columns of x gathered in chunks of Ω (memory batch x |Ω| plus one chunk). The matmul is ~35x faster at
+SaRA's 10 % of a 384 x 384 layer (42 ms vs 1.58 s for 32 examples of 64 tokens, one core): gathers of
+batch x tokens x |Ω| elements cost more than the whole product. The forward builds the dense S once per
+batch (like W0, not per example) and applies it with one matmul.
 
 Decisions (the card marks them "unsure"): δ is run config `sltrain-density`, default 0.03 (the issue's;
 the paper's experiments use a few percent); at least one position per layer. S starts at 0 and B at 0
@@ -32,6 +36,7 @@ from common.adapters.base import AdapterLayer, ScaledByAlphaOverRank
 from common.adapters.lora import seed_for, seeded_lora_pair
 
 CHUNK_ELEMENTS = 2**22  # one gathered block of the per-sample gradient: batch x tokens x chunk of Ω
+DENSE_ELEMENTS = 2**24  # dense per-example gradients held at once (64 MiB float32); larger layers gather
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,14 @@ def sparse_support(d_out: int, d_in: int, density: float, seed: int) -> tuple[to
 
 
 def support_gradient(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                     chunk_elements: int = CHUNK_ELEMENTS, dense_elements: int = DENSE_ELEMENTS) -> torch.Tensor:
     """[n, k] = Σ_t g[n, t, rows_k] x[n, t, cols_k] for g (n x T x d_out), x (n x T x d_in)."""
+    d_out, d_in = g.shape[-1], x.shape[-1]
+    if d_out * d_in <= dense_elements:  # a few examples' dense gᵀx at a time, read at Ω
+        flat = rows * d_in + cols
+        per = max(1, dense_elements // (d_out * d_in))
+        return torch.cat([torch.bmm(g[i:i + per].transpose(1, 2), x[i:i + per]).reshape(-1, d_out * d_in)[:, flat]
+                          for i in range(0, g.shape[0], per)])
     step = max(1, chunk_elements // max(1, g.shape[0] * g.shape[1]))
     parts = [torch.einsum("ntk,ntk->nk", g[:, :, rows[k : k + step]], x[:, :, cols[k : k + step]])
              for k in range(0, len(rows), step)]
