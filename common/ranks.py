@@ -30,10 +30,15 @@ def client_rank(config: RunConfig, node_config: Mapping, partition_id: int) -> i
 
 
 def config_for_rank(config: RunConfig, rank: int) -> RunConfig:
-    """The run config a rank-`rank` client builds its model from: same scale alpha / r_max as everyone."""
+    """The run config a rank-`rank` client builds its model from: same scale alpha / r_max as everyone.
+
+    Under DyLoRA (`rank-schedule = "dylora"`) the client keeps the run's alpha instead: every step of its
+    schedule trains a prefix b <= r_k at DyLoRA's scale alpha / b, the scale that prefix has in the global
+    r_max adapter (the nested family), so the common alpha / r_max is never what it trains at."""
     if rank == config.rank:
         return config
-    return dataclasses.replace(config, rank=rank, alpha=config.alpha * rank / config.rank, client_ranks="")
+    alpha = config.alpha if config.rank_schedule == "dylora" else config.alpha * rank / config.rank
+    return dataclasses.replace(config, rank=rank, alpha=alpha, client_ranks="")
 
 
 def stored_rank(arrays: Mapping, default: int) -> int:

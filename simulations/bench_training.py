@@ -110,15 +110,19 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def federated_accuracy(name: str) -> float:
-    """Global test accuracy after the short federated DP run in `FEDERATED` with the procedure's settings."""
+def federated_result(name: str) -> dict:
+    """Global test accuracy and loss before and after the short federated DP run in `FEDERATED` with the
+    procedure's settings (NaN where the run failed)."""
     from simulations.flower_sim import flwr_run, simulation_superlink
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-training-{name}-"))
     with simulation_superlink() as env:
         code = flwr_run(env, {**FEDERATED, **PROCEDURES[name], "run-dir": str(run_dir)}, num_supernodes=2)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"] if code == 0 else []
-    return rounds[-1].get("global-accuracy", float("nan")) if rounds else float("nan")
+    if not rounds:
+        return {"accuracy": float("nan"), "loss": float("nan"), "loss_start": float("nan")}
+    return {"accuracy": rounds[-1].get("global-accuracy", float("nan")),
+            "loss": rounds[-1].get("global-loss", float("nan")), "loss_start": rounds[0].get("global-loss", float("nan"))}
 
 
 def main() -> None:
@@ -143,7 +147,7 @@ def main() -> None:
         parser.error(f"unknown procedure(s) {', '.join(unknown)}; available: {', '.join(PROCEDURES)}")
     if args.federated_only:
         for name in names:
-            print(json.dumps({"procedure": name, "accuracy": federated_accuracy(name)}), flush=True)
+            print(json.dumps({"procedure": name, **federated_result(name)}), flush=True)
         return
     rows = []
     for name in names:
@@ -155,14 +159,14 @@ def main() -> None:
             print(f"{name}: failed (exit {child.returncode}); see above", file=sys.stderr)
             continue
         row = json.loads(child.stdout.strip().splitlines()[-1])
-        row["accuracy"] = federated_accuracy(name) if args.federated else float("nan")
+        row.update(federated_result(name) if args.federated else {"accuracy": float("nan"), "loss": float("nan")})
         rows.append(row)
     print(f"\n{'procedure':<11} {'non-DP ms':>9} {'DP ms':>7} {'ratio':>6} {'state MiB':>9} {'peak RSS MiB':>12} "
-          f"{'MiB up/round':>12} {'accuracy':>8}")
+          f"{'MiB up/round':>12} {'accuracy':>8} {'loss':>6}")
     for r in rows:
         print(f"{r['procedure']:<11} {r['plain_s'] * 1000:>9.0f} {r['dp_s'] * 1000:>7.0f} {r['ratio']:>6.2f} "
               f"{r['state_bytes'] / 2**20:>9.2f} {r['peak_rss_mib']:>12.0f} {r['payload_bytes'] / 2**20:>12.2f} "
-              f"{r['accuracy']:>8.4f}")
+              f"{r['accuracy']:>8.4f} {r['loss']:>6.3f}")
 
 
 if __name__ == "__main__":

@@ -236,8 +236,9 @@ def test_galore_update_lies_in_the_projector_span_and_its_first_step_is_projecte
     ({"rank-schedule": "dylora", "adapter": "nola"},
      "rank-schedule = 'dylora' truncates the rank dimension.*adapter 'nola' trains nola_A, nola_B"),
     ({"rank-schedule": "dylora", "adapter": "lora_xs"}, "adapter 'lora_xs' trains lora_R.*use adapter 'lora' or 'sora'"),
-    ({"rank-schedule": "dylora", "client-ranks": "2,4", "strategy": "hetlora"},
-     "rank-schedule = 'dylora' cannot be combined with client-ranks"),
+    ({"rank-schedule": "dylora", "client-ranks": "2,4", "rank": 4, "strategy": "flexlora"},
+     "rank-schedule = 'dylora' with client-ranks trains nested rank prefixes.*strategy 'flexlora'.*use strategy "
+     "'hetlora'"),
     ({"rank-schedule": "linear"}, "unknown rank-schedule 'linear'; available: dylora, none"),
     ({"update-rule": "lion"}, "unknown update-rule 'lion'; available: adam, frugal, galore, lora_pro, sgd"),
     ({"galore-rank": 0}, "galore-rank = 0 is invalid"),
@@ -269,3 +270,56 @@ def test_step_pieces_order_prox_before_the_rank_schedule():
     assert math.isclose(pieces[0].tau, config.lr * config.sora_lambda)
     assert pieces[1].sequence == rank_sequence(config.seed, 2, RANK, 3)
 
+
+
+def test_a_rank_heterogeneous_dylora_client_trains_prefixes_of_its_own_rank_at_the_global_alpha_over_b():
+    """client-ranks with DyLoRA (hetlora): a rank-2 client of an r_max = 4 run draws b in {1, 2} and trains
+    prefix b at alpha/b (the scale that prefix has in the global adapter), not at the padded alpha/r_max."""
+    from common.ranks import config_for_rank
+
+    config = RunConfig.from_flower({"rank-schedule": "dylora", "client-ranks": "2,4", "rank": 4, "alpha": 8.0,
+                                    "strategy": "hetlora", "local-steps": 12})
+    small = config_for_rank(config, 2)
+    assert (small.rank, small.alpha) == (2, 8.0)
+    assert config_for_rank(RunConfig(client_ranks="2,4", rank=4, alpha=8.0, strategy="hetlora"), 2).alpha == 4.0
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(nn.Linear(6, 5), LoRAConfig(rank=small.rank, alpha=small.alpha), "layer"))
+    schedule = DyLoRASchedule(model, seed=config.seed, server_round=1, steps=config.local_steps)
+    assert set(schedule.sequence) == {1, 2} and schedule.sequence == rank_sequence(config.seed, 1, 2, 12)
+    for step, b in enumerate(schedule.sequence):
+        schedule.before_forward(step)
+        assert model[0].scaling == pytest.approx(8.0 / b)
+    schedule.close()
+
+
+@pytest.mark.slow  # one DP round of 2 clients on the real MiniLM: ~20 s on busy cores
+def test_a_hetlora_federation_with_dylora_trains_each_client_at_its_own_rank(tmp_path, monkeypatch):
+    """The real ServerApp and ClientApp in process: client-ranks "2,4" of r_max = 4 with DyLoRA under hetlora;
+    client 0 draws prefixes b <= 2, client 1 b <= 4, and the server merges a rank-4 global."""
+    import json
+
+    import common.training.dylora as dylora
+    from safetensors.numpy import load_file
+
+    from tests.conftest import write_toy_csv
+    from tests.federation import InProcessFederation, run_server
+
+    drawn: list[tuple[int, list[int]]] = []
+    real = dylora.rank_sequence
+
+    def recording(seed, server_round, rank, steps):
+        drawn.append((rank, real(seed, server_round, rank, steps)))
+        return drawn[-1][1]
+
+    monkeypatch.setattr(dylora, "rank_sequence", recording)
+    settings = RunConfig(dataset=str(write_toy_csv(tmp_path, per_class=16)), examples_per_class=0, num_rounds=1,
+                         clients_per_round=2, local_steps=6, batch_size=8, max_seq_len=12, target_epsilon=8.0,
+                         delta=1e-3, rank=4, client_ranks="2,4", strategy="hetlora", rank_schedule="dylora",
+                         target_modules="query", partitioner="iid", run_dir=str(tmp_path / "run")).to_flower()
+    run_dir = run_server(InProcessFederation(settings, num_nodes=2), settings)
+    assert sorted(rank for rank, _ in drawn) == [2, 4]
+    assert all(1 <= b <= rank for rank, sequence in drawn for b in sequence)
+    final = load_file(str(run_dir / "adapter.safetensors"))
+    assert {v.shape[0] for k, v in final.items() if k.endswith("lora_A.weight")} == {4}
+    rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert rows[-1]["clients-trained"] == 2

@@ -23,6 +23,9 @@ from common.training.update_rules import UPDATE_RULES, UpdateRule, get_update_ru
 # each client's B on its disk (the server cannot grow it), the rank-heterogeneous ones set ranks themselves.
 GROWTH_ADAPTERS = ("lora", "allora")
 GROWTH_STRATEGIES = ("fedavg_lora", "fedsvd")
+# DyLoRA with client-ranks: client k trains prefixes b <= r_k of the global r_max adapter at scale alpha/b; the
+# zero-padded mean keeps every rank where it is, so each global prefix stays a DyLoRA prefix.
+NESTED_RANK_STRATEGIES = ("hetlora",)
 # Layer sampling (`common/layer_sampling.py`) sends a round's sampled layers only; these strategies average each
 # key of the replies on its own (FedSVD re-factors every layer after, which leaves an unchanged B A unchanged).
 SAMPLING_STRATEGIES = ("fedavg_lora", "ffa_lora", "fedsvd")
@@ -54,11 +57,12 @@ def check_training(config: RunConfig) -> None:
         )
     if schedule.adapters:
         get_adapter(config.adapter)
-        if config.client_ranks:
+        if config.client_ranks and config.strategy not in NESTED_RANK_STRATEGIES:
             raise ConfigError(
-                f"rank-schedule = {config.rank_schedule!r} cannot be combined with client-ranks yet: its scale "
-                f"alpha/b differs from the common alpha/r_max that zero-padded rank-heterogeneous merging needs; "
-                f"use client-ranks = \"\" or rank-schedule = 'none'"
+                f"rank-schedule = {config.rank_schedule!r} with client-ranks trains nested rank prefixes (client k "
+                f"prefixes b <= r_k at scale alpha/b), which strategy {config.strategy!r} would re-factor, stack or "
+                f"cluster; use strategy {' or '.join(map(repr, NESTED_RANK_STRATEGIES))} (zero-padded mean of the "
+                f"prefixes), or client-ranks = \"\""
             )
 
 
