@@ -151,3 +151,30 @@ def test_a_global_lora_of_another_rank_than_the_runs_exports_with_the_runs_scale
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(""), num_labels=len(LABELS))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
     torch.testing.assert_close(logits(peft_model, adapted.tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dylora_run_exports_at_a_truncated_rank_as_the_model_its_schedule_trained_at_that_rank(tmp_path):
+    """`python -m server.export RUN --rank 2` on a rank-4 DyLoRA run: the merged model's logits are those of the
+    fedlora model with ranks above 2 masked and scale alpha/2 (DyLoRA's forward at b = 2); non-DyLoRA runs and
+    ranks outside 1..rank are one-line errors."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common.adapters.lora import LoRALinear
+    from common.errors import ConfigError
+    from common.training.dylora import prefix_mask
+    from server.export import at_rank, main
+
+    config = RunConfig(rank=4, rank_schedule="dylora", strategy="fedavg_lora", run_dir=str(tmp_path))
+    adapted = finished_run(tmp_path, "lora")
+    (tmp_path / "run_config.json").write_text(json.dumps(config.to_flower()))
+    for layer in adapted.model.modules():
+        if isinstance(layer, LoRALinear):
+            layer.rank_mask, layer.scaling = prefix_mask(4, 2, layer.lora_A.weight), config.alpha / 2
+    expected = logits(adapted.model, adapted.tokenizer)
+    main([str(tmp_path), "--rank", "2"])
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged-rank-2")
+    torch.testing.assert_close(logits(exported, adapted.tokenizer), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match=r"--rank 5 is outside 1..4"):
+        at_rank(config, {}, 5)
+    with pytest.raises(ConfigError, match="its ranks are not nested"):
+        at_rank(RunConfig(rank=4), {}, 2)

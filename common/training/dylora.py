@@ -81,3 +81,18 @@ class DyLoRASchedule(StepPiece):
         for layer, scaling in zip(self.layers, self.full_scaling):
             layer.rank_mask = None
             layer.scaling = scaling
+
+
+def truncated(arrays: dict, b: int) -> dict:
+    """A DyLoRA adapter's arrays cut to its first b ranks: A's first b rows, B's first b columns, SoRA's first
+    b gates; every other tensor (the head) as it is. Built at rank b, the layer's scale is then alpha/b: the
+    model the schedule trained at b."""
+    out = {}
+    for key, value in arrays.items():
+        if key.endswith("lora_A.weight") or key.endswith("sora_gate.weight"):
+            out[key] = value[:b]
+        elif key.endswith("lora_B.weight"):
+            out[key] = value[:, :b]
+        else:
+            out[key] = value
+    return out
