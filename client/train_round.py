@@ -19,6 +19,7 @@ from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
 from common.layer_sampling import freeze_other_layers
+from common.low_rank_upload import encode as low_rank_encode, upload_rank
 from common.model import build_model, pick_device
 from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
@@ -93,6 +94,7 @@ def train_round(
     `train_layers`: the transformer layers the server sampled this round (LISA, OwLore): the other layers'
     tensors stay frozen and are not returned; None trains every layer.
     """
+    received = arrays
     ledger = open_ledger(config, identity)  # first: a corrupted ledger stops the round before any data is read
     data = client_data(config, identity.partition_id, identity.num_partitions)
     check_privacy_plan(config, len(data.train))  # a ConfigError before anything is charged
@@ -137,7 +139,10 @@ def train_round(
                     "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})
     if noise is None:
         metrics["epsilon"] = math.inf
-    return TrainOutcome(arrays=trainable_state(adapted.model, sent), metrics=metrics, ledger=ledger.to_dict(),
+    trained = trainable_state(adapted.model, sent)
+    if upload_rank(config):  # GaLore on full weights: each ΔW's change goes as two rank-k factors
+        trained = low_rank_encode(trained, received, upload_rank(config), {k for k in sent if k.endswith("full_delta.weight")})
+    return TrainOutcome(arrays=trained, metrics=metrics, ledger=ledger.to_dict(),
                         extra={"base-sha256": adapted.base_sha256})
 
 

@@ -190,17 +190,19 @@ def _changed_layers(before: dict, after: dict) -> set:
     return {layer_index(k) for k in after if not np.array_equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("sampler", ["lisa", "owlore"])
-def test_a_federated_run_trains_the_drawn_layers_and_leaves_the_others_bit_identical(tmp_path, sampler):
+@pytest.mark.parametrize("sampler, rule", [("lisa", "adam"), ("owlore", "galore")])
+def test_a_federated_run_trains_the_drawn_layers_and_leaves_the_others_bit_identical(tmp_path, sampler, rule):
     """The real ServerApp and ClientApp in process, 2 rounds of 2 clients: each round's global changes in exactly
-    the layers drawn for it (the server's draw from seed and round) and the head; the replies carried those."""
+    the layers drawn for it (the server's draw from seed and round) and the head; the replies carried those:
+    dense ΔW under Adam (LISA), rank-4 factor pairs under GaLore (OwLore as the card has it)."""
     from safetensors.numpy import load_file
 
     from common.model import build_model
     from common.payload import trainable_state
     from tests.federation import InProcessFederation, run_server
 
-    settings = _federation_settings(tmp_path, layer_sampling=sampler, owlore_threshold=2.0, public_examples=12)
+    settings = _federation_settings(tmp_path, layer_sampling=sampler, owlore_threshold=2.0, public_examples=12,
+                                    update_rule=rule)
     config = RunConfig.from_flower(settings)
     federation = InProcessFederation(settings, num_nodes=2)
     sent_layers = []
@@ -223,6 +225,10 @@ def test_a_federated_run_trains_the_drawn_layers_and_leaves_the_others_bit_ident
     final = load_file(str(run_dir / "adapter.safetensors"))
     assert _changed_layers(start, final) == set(drawn[0]) | set(drawn[1]) | {None}
     rows = json.loads((run_dir / "metrics.json").read_text())["rounds"]
-    per_layer = 384 * 384 * 4  # one query ΔW, float32
+    per_layer = 384 * 384 * 4 if rule == "adam" else 4 * (384 + 384) * 4  # one query ΔW, float32, or its factors
     head = sum(v.nbytes for k, v in start.items() if layer_index(k) is None)
     assert [row["bytes-up"] for row in rows[1:]] == [2 * (2 * per_layer + head)] * 2  # 2 clients x (2 layers + head)
+    if rule == "galore":  # a round adds the mean of two clients' rank-4 changes: rank <= 8 a round, 16 after two
+        for key in (k for k in final if layer_index(k) is not None and not np.array_equal(final[k], start[k])):
+            change = final[key] - start[key]
+            assert np.linalg.matrix_rank(change, tol=1e-5 * np.abs(change).max()) <= 16

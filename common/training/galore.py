@@ -11,8 +11,9 @@ SVD and the projection are post-processing and free; a projector from raw gradie
 per-sample gradients Opacus clips are still full (batch x m x n): GaLore saves optimizer state, not the
 clipping's memory. Decisions (the card marks them "unsure"): moments are kept across projector refreshes
 (as the reference code does); the optimizer, and so P, is fresh each round (fedlora's Adam state is too),
-so P is the client's own, taken from its first private gradient of the round; the client sends its
-trained tensors as usual (not N: a server-fixed P that would make averaging N exact is not built yet).
+so P is the client's own, taken from its first private gradient of the round. On LoRA factors the client
+sends its trained tensors as usual; on full weights (adapter `full`) it sends each matrix's round change as
+two thin factors, exact because the change lies in the projectors' span (`common/low_rank_upload.py`).
 `galore-projection = "dct"` takes P from the fixed DCT basis instead of an SVD (`dct.py`, card 29).
 """
 

@@ -27,7 +27,8 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from common.errors import ConfigError
 from common.logs import get_logger
-from common.payload import from_record, to_record
+from common.low_rank_upload import decode as decode_low_rank, logical_keys
+from common.payload import PayloadError, from_record, to_record
 from common.privacy import PrivacyStep
 from server.aggregation import clip_update, weighted_mean
 
@@ -114,6 +115,7 @@ class LoRAStrategy(FedAvg):
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent a training instruction
         self.node_clients: dict[int, str] = {}  # node id -> the client id its last readable reply gave
         self.trained_rounds: dict[str, list[int]] = {}  # client -> rounds it trained (report's ledger check)
+        self.reply_wire_bytes = 0  # float bytes of the last reply `_read_reply` read, as sent (before decoding)
 
     @classmethod
     def from_config(cls, config, run_dir: str) -> "LoRAStrategy":
@@ -310,7 +312,7 @@ class LoRAStrategy(FedAvg):
                 self.record_fault(server_round, node, client, "malformed-reply", problem, "reply rejected")
                 rejected += 1
                 continue
-            bytes_up += sum(v.nbytes for v in payload.values())
+            bytes_up += self.reply_wire_bytes  # what travelled: factor pairs at their size
             if self.max_update_norm:
                 payload = self._bound_update(payload, server_round, node, client)
             accepted.append(payload)
@@ -436,13 +438,19 @@ class LoRAStrategy(FedAvg):
         if size > self.max_reply_mb * MIB:
             return {}, f"its arrays are {size / MIB:.1f} MiB, over max-reply-mb = {self.max_reply_mb:g}"
         expected = self.uplink_keys()
-        if set(record) != expected:
-            missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
+        sent = logical_keys(record)  # a low-rank factor pair stands for its matrix (common/low_rank_upload.py)
+        if sent != expected:
+            missing, extra = sorted(expected - sent), sorted(sent - expected)
             return {}, f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
         try:
-            payload = from_record(record)
+            wire = from_record(record)
         except (ValueError, TypeError, EOFError, OSError) as err:  # bytes that are not what the header claims
             return {}, f"its arrays cannot be decoded ({type(err).__name__}: {str(err)[:80]})"
+        self.reply_wire_bytes = sum(v.nbytes for v in wire.values())
+        try:
+            payload = decode_low_rank(wire, self.global_arrays)
+        except PayloadError as err:
+            return {}, str(err)
         problem = self._check_shapes(payload, content, node)
         if problem:
             return {}, problem
