@@ -1,14 +1,17 @@
 """Every training procedure of `common/training/` on the default model: memory, DP step cost, bytes, accuracy.
 
 For each procedure (an update rule, rank schedule, loss or init, as run-config overrides on LoRA under
-`fedavg_lora`, so both factors train): seconds per local step with and without Opacus DP-SGD, built exactly
+`fedavg_lora`, so both factors train; or full-weight training of the same matrices, adapter `full`, with
+LISA / OwLore's layer sampling at round 1's draw): seconds per local step with and without Opacus DP-SGD, built exactly
 as a client round builds them (`client.train_round.training_parts`: the run's update rule, step pieces and
 loss), the update rule's state after the steps (Adam's moments, GaLore's projected moments, ...), the peak
 resident memory of the process that ran it (one fresh process per procedure, so the figures do not mix),
-the bytes a client sends per round, and with `--federated` the global accuracy after a short federated DP
-run (the demo's simulation, 2 clients, IID).
+the bytes a client sends per round (after the steps, so GaLore's low-rank factor pairs on full weights), and
+with `--federated` the global accuracy and loss after a short federated DP run (`FEDERATED`: a real `flwr run`
+simulation, 2 clients, IID, 3 rounds of 10 steps at epsilon 8); `--federated-only` runs just that.
 
     python -m simulations.bench_training [--procedures adam,galore] [--steps 5] [--repeats 2] [--federated]
+    python -m simulations.bench_training --federated-only > accuracy.jsonl
 
 Timings are only comparable on a quiet machine: run nothing else meanwhile.
 """
@@ -66,6 +69,7 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
     from common.config import RunConfig
     from common.data.partition import client_data
     from common.layer_sampling import freeze_other_layers, layer_weights, layers_of, sample_layers
+    from common.low_rank_upload import encode as low_rank_encode, upload_rank
     from common.model import build_model, pick_device
     from common.payload import trainable_state
     from common.tensors import encode
@@ -87,7 +91,7 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
             adapted = build_model(config, num_labels=len(data.label_names))
             if layers is not None:
                 freeze_other_layers(adapted.model, layers)
-            payload_bytes = sum(v.nbytes for v in trainable_state(adapted.model).values())
+            start_state = trainable_state(adapted.model)
             encoded = encode(adapted.tokenizer, data, config.max_seq_len)
 
             def run(n: int, seed: int):
@@ -100,6 +104,12 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
             run(warmup, repeat)
             start = time.perf_counter()
             result = run(steps, repeat)
+            # what a client would send after these steps: low-rank factor pairs under GaLore on full weights
+            sent = trainable_state(adapted.model)
+            if upload_rank(config):
+                sent = low_rank_encode(sent, start_state, upload_rank(config),
+                                       {k for k in sent if k.endswith("full_delta.weight")})
+            payload_bytes = sum(v.nbytes for v in sent.values())
             timings[mode].append((time.perf_counter() - start) / steps)
             state_bytes = max(state_bytes, result.optimizer_state_bytes)
             print(f"  {name}: repeat {repeat + 1}/{repeats} {mode}: {timings[mode][-1] * 1000:.0f} ms/step",
