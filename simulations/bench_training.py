@@ -91,7 +91,6 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
             adapted = build_model(config, num_labels=len(data.label_names))
             if layers is not None:
                 freeze_other_layers(adapted.model, layers)
-            start_state = trainable_state(adapted.model)
             encoded = encode(adapted.tokenizer, data, config.max_seq_len)
 
             def run(n: int, seed: int):
@@ -102,6 +101,7 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
                                                                                             seed=seed), **parts)
 
             run(warmup, repeat)
+            start_state = trainable_state(adapted.model)  # each run is a fresh round (its own optimizer)
             start = time.perf_counter()
             result = run(steps, repeat)
             # what a client would send after these steps: low-rank factor pairs under GaLore on full weights
