@@ -118,7 +118,8 @@ def test_more_layers_a_round_than_the_model_has_is_refused():
 
 
 def test_the_client_trains_and_sends_the_sampled_layers_and_the_head_only(tmp_path):
-    """One DP round of adapter `full` on layers (1, 4): those ΔW and the head change and travel; no other."""
+    """One DP round of adapter `full` on layers (1, 4) with `train-embeddings` (the card's LISA): those ΔW, the
+    embeddings and the head change and travel; no other tensor does."""
     from client.train_round import ClientIdentity, train_round
     from common.model import build_model
     from common.payload import trainable_state
@@ -126,12 +127,13 @@ def test_the_client_trains_and_sends_the_sampled_layers_and_the_head_only(tmp_pa
 
     config = RunConfig(dataset=str(write_toy_csv(tmp_path, per_class=12)), examples_per_class=0, adapter="full",
                        strategy="fedavg_lora", layer_sampling="lisa", local_steps=2, batch_size=8, max_seq_len=12,
-                       target_epsilon=8.0, delta=1e-3)
+                       target_epsilon=8.0, delta=1e-3, train_embeddings=True)
     start = trainable_state(build_model(config, num_labels=3).model)
     outcome = train_round(config, ClientIdentity("0", 0, 1, tmp_path / "ledgers"), start, (), 1, train_layers=(1, 4))
     sent_layers = {layer_index(k) for k in outcome.arrays}
     assert sent_layers == {1, 4, None}
-    assert {k for k in outcome.arrays if layer_index(k) is None} == {"classifier.weight", "classifier.bias"}
+    assert {k for k in outcome.arrays if layer_index(k) is None} == {
+        "classifier.weight", "classifier.bias", "bert.embeddings.word_embeddings.weight"}
     for key, value in outcome.arrays.items():
         assert not np.array_equal(value, start[key]), key  # every sent tensor trained
     assert outcome.metrics["steps"] == 2 and np.isfinite(outcome.metrics["epsilon"])
