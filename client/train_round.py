@@ -25,7 +25,7 @@ from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
 from common.privacy.plan import check_privacy_plan, planned_dp_steps
 from common.tensors import encode
-from common.training import optimizer_factory, step_pieces, training_loss
+from common.training import head_parameters, optimizer_factory, step_pieces, training_loss
 
 
 @dataclass
@@ -61,7 +61,8 @@ def training_parts(config: RunConfig, model, server_round: int) -> dict:
     """`train_locally`'s keywords for the run's training procedure: update rule, step pieces, loss (also what
     simulations/bench_training.py times)."""
     loss = training_loss(config)
-    return dict(make_optimizer=optimizer_factory(config), pieces=step_pieces(config, model, server_round),
+    return dict(make_optimizer=optimizer_factory(config, head_parameters(model)),
+                pieces=step_pieces(config, model, server_round),
                 loss_fn=loss.fn, base_logits=loss.base_logits)
 
 

@@ -76,6 +76,7 @@ class RunConfig:
     batch_size: int = 64
     max_seq_len: int = 64
     lr: float = 0.03
+    head_lr: float = 0.0
     adapter: str = "lora"
     rank: int = 8
     client_ranks: str = ""
@@ -319,6 +320,8 @@ _RULES = [
     ("max_examples", _positive, "must be an integer >= 1: replies claiming more examples are rejected"),
     ("max_reply_mb", _positive, "must be > 0 MiB (inf = no limit on a training reply's arrays)"),
     ("lr", lambda v: v > 0 and math.isfinite(v), "must be a positive learning rate"),
+    ("head_lr", lambda v: v >= 0 and math.isfinite(v),
+     "must be >= 0: the classifier head's own learning rate (0 = lr, like everything else)"),
     ("rank", _positive, "the adapter rank must be an integer >= 1"),
     ("global_max_rank", lambda v: v >= 0, "must be >= 0 (0 = no truncation of the stacked global adapter)"),
     ("hetlora_prune", lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0 = no rank self-pruning)"),

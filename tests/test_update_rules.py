@@ -263,3 +263,39 @@ def test_valid_update_rule_combinations_parse():
                       {"update-rule": "lora_pro", "strategy": "ffa_lora"}, {"update-rule": "frugal", "adapter": "nola"},
                       {"update-rule": "galore", "galore-projection": "dct"}):
         RunConfig.from_flower(overrides)
+
+
+def test_head_lr_steps_the_classifier_head_at_its_own_learning_rate():
+    """SGD with lr 0.1 and head-lr 0.5: the adapter factors move by 0.1 g, the head by 0.5 g; head-lr 0 is lr."""
+    from common.adapters.lora import LoRAConfig, LoRALinear
+    from common.training import head_parameters, optimizer_factory
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = LoRALinear(nn.Linear(4, 4), LoRAConfig(rank=2), "layer")
+            self.classifier = nn.Linear(4, 2)
+
+    torch.manual_seed(0)
+    model = Tiny()
+    head = head_parameters(model)
+    assert head == {"classifier.weight", "classifier.bias"}
+    for head_lr, expected_head_lr in ((0.5, 0.5), (0.0, 0.1)):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        before = {n: p.detach().clone() for n, p in named}
+        grads = {n: torch.randn_like(p) for n, p in named}
+        for n, p in named:
+            p.grad = grads[n].clone()
+        config = RunConfig(update_rule="sgd", head_lr=head_lr)
+        optimizer_factory(config, head)(named, 0.1).step()
+        for n, p in named:
+            rate = expected_head_lr if n in head else 0.1
+            torch.testing.assert_close(p.detach(), before[n] - rate * grads[n])
+
+
+def test_the_head_of_a_real_model_excludes_adapters_and_trained_embeddings():
+    from common.model import build_model
+    from common.training import head_parameters
+
+    model = build_model(RunConfig(train_embeddings=True), num_labels=3).model
+    assert head_parameters(model) == {"classifier.weight", "classifier.bias"}

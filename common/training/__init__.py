@@ -28,7 +28,7 @@ from common.training.losses import TRAINING_LOSSES, base_model_logits, training_
 from common.training.pieces import StepPiece, privatize_then_update
 from common.training.prox import GateProx
 from common.training.rank_schedules import RANK_SCHEDULES, get_rank_schedule
-from common.training.update_rules import UPDATE_RULES, get_update_rule, optimizer_factory
+from common.training.update_rules import UPDATE_RULES, get_update_rule, head_parameters, optimizer_factory
 
 
 def step_pieces(config: RunConfig, model: nn.Module, server_round: int) -> list[StepPiece]:
@@ -61,5 +61,5 @@ def step_pieces(config: RunConfig, model: nn.Module, server_round: int) -> list[
 
 
 __all__ = ["RANK_SCHEDULES", "TRAINING_LOSSES", "UPDATE_RULES", "StepPiece", "base_model_logits",
-           "get_rank_schedule", "get_update_rule", "optimizer_factory", "privatize_then_update", "step_pieces",
+           "get_rank_schedule", "get_update_rule", "head_parameters", "optimizer_factory", "privatize_then_update", "step_pieces",
            "training_loss"]

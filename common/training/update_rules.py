@@ -36,8 +36,20 @@ class UpdateRule:
     projected: bool = False  # reads `galore-projection`
 
 
-def _params(named: list[tuple[str, nn.Parameter]]) -> list[nn.Parameter]:
-    return [p for _, p in named]
+class NamedParameters(list):
+    """The (name, parameter) pairs an optimizer gets, with the classifier head's own learning rate (`head-lr`)."""
+
+    def __init__(self, named, head: frozenset[str], head_lr: float):
+        super().__init__(named)
+        self.head, self.head_lr = head, head_lr
+
+
+def _params(named: list[tuple[str, nn.Parameter]]) -> list:
+    """The parameters, or two torch param groups when the head has its own learning rate."""
+    if not getattr(named, "head_lr", 0):
+        return [p for _, p in named]
+    return [{"params": [p for n, p in named if n not in named.head]},
+            {"params": [p for n, p in named if n in named.head], "lr": named.head_lr}]
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {
@@ -79,5 +91,20 @@ def get_update_rule(name: str) -> UpdateRule:
     return UPDATE_RULES[name]
 
 
-def optimizer_factory(config: RunConfig) -> OptimizerFactory:
-    return get_update_rule(config.update_rule).make(config)
+def optimizer_factory(config: RunConfig, head: frozenset[str] = frozenset()) -> OptimizerFactory:
+    """The run's update rule; with `head-lr` > 0 the tensors named in `head` step at that learning rate."""
+    make = get_update_rule(config.update_rule).make(config)
+    if config.head_lr <= 0 or not head:
+        return make
+    return lambda named, lr: make(NamedParameters(named, head, config.head_lr), lr)
+
+
+def head_parameters(model: nn.Module) -> frozenset[str]:
+    """The trainable tensors outside every adapter layer and the input embeddings: the classifier head."""
+    from common.adapters.base import AdapterLayer
+
+    inside = {f"{name}.{child}" for name, module in model.named_modules() if isinstance(module, AdapterLayer)
+              for child, _ in module.named_parameters()}
+    embeddings = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    return frozenset(name for name, p in model.named_parameters()
+                     if p.requires_grad and name not in inside and p is not embeddings)
