@@ -142,7 +142,8 @@ def train_round(
         metrics["epsilon"] = math.inf
     trained = trainable_state(adapted.model, sent)
     if upload_rank(config):  # GaLore on full weights: each ΔW's change goes as two rank-k factors
-        trained = low_rank_encode(trained, received, upload_rank(config), {k for k in sent if k.endswith("full_delta.weight")})
+        deltas = {k for k in sent if k.endswith("full_delta.weight")}
+        trained = low_rank_encode(trained, received, upload_rank(config), deltas)
     return TrainOutcome(arrays=trained, metrics=metrics, ledger=ledger.to_dict(),
                         extra={"base-sha256": adapted.base_sha256})
 

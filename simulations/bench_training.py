@@ -144,7 +144,8 @@ def federated_result(name: str) -> dict:
     if not rounds:
         return {"accuracy": float("nan"), "loss": float("nan"), "loss_start": float("nan")}
     return {"accuracy": rounds[-1].get("global-accuracy", float("nan")),
-            "loss": rounds[-1].get("global-loss", float("nan")), "loss_start": rounds[0].get("global-loss", float("nan"))}
+            "loss": rounds[-1].get("global-loss", float("nan")),
+            "loss_start": rounds[0].get("global-loss", float("nan"))}
 
 
 def main() -> None:

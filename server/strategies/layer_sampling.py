@@ -10,7 +10,7 @@ public split, so a resumed run draws what the uninterrupted one would: nothing t
 
 from __future__ import annotations
 
-from common.layer_sampling import get_layer_sampler, layer_index, layer_weights, layers_of, sample_layers
+from common.layer_sampling import layer_index, layer_weights, layers_of, sample_layers
 from common.logs import get_logger
 from server.strategies.base import LoRAStrategy
 
@@ -62,4 +62,4 @@ def with_layer_sampling(cls: type[LoRAStrategy]) -> type[LoRAStrategy]:
     return type(f"LayerSampling{cls.__name__}", (LayerSampling, cls), {})
 
 
-__all__ = ["LayerSampling", "get_layer_sampler", "with_layer_sampling"]
+__all__ = ["LayerSampling", "with_layer_sampling"]
