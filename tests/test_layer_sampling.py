@@ -234,3 +234,31 @@ def test_a_federated_run_trains_the_drawn_layers_and_leaves_the_others_bit_ident
         for key in (k for k in final if layer_index(k) is not None and not np.array_equal(final[k], start[k])):
             change = final[key] - start[key]
             assert np.linalg.matrix_rank(change, tol=1e-5 * np.abs(change).max()) <= 16
+
+
+@pytest.mark.slow  # 3 DP rounds of 2 clients on the real MiniLM with a restart: ~30 s on busy cores
+def test_a_resumed_lisa_server_draws_the_layers_an_uninterrupted_one_would(tmp_path):
+    """The server dies before round 3 and is started again: round 3's instruction names the layers
+    `sample_layers(seed, 3)` gives, as rounds 1 and 2 did before the restart."""
+    from tests.federation import CrashingFederation, ServerKilled, run_server
+
+    settings = RunConfig.from_flower({**_federation_settings(tmp_path, layer_sampling="lisa"), "num-rounds": 3}
+                                     ).to_flower()
+    federation = CrashingFederation(settings, kill_at_round=3)
+    sent: list[tuple[int, str]] = []
+    real = federation.send_and_receive
+
+    def recording(messages, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            if m.metadata.message_type == "train":
+                sent.append((m.content["config"]["server-round"], m.content["config"]["train-layers"]))
+        return real(messages, timeout)
+
+    federation.send_and_receive = recording
+    with pytest.raises(ServerKilled):
+        run_server(federation, settings)
+    federation.kill = False
+    run_server(federation, settings)
+    expected = {r: ",".join(map(str, sample_layers([1.0] * 6, 2, 42, r))) for r in (1, 2, 3)}
+    assert sorted(set(sent)) == sorted(expected.items())
