@@ -299,3 +299,32 @@ def test_the_head_of_a_real_model_excludes_adapters_and_trained_embeddings():
 
     model = build_model(RunConfig(train_embeddings=True), num_labels=3).model
     assert head_parameters(model) == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("rule", ["galore", "frugal"])
+def test_projected_rules_step_the_classifier_head_with_plain_adam(rule):
+    """GaLore and FRUGAL project the adapter matrices only (as the reference code does): a 6 x 8 head, which
+    rank 2 would project, takes exactly torch's Adam step."""
+    from common.adapters.lora import LoRAConfig, LoRALinear
+    from common.training import head_parameters, optimizer_factory
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = LoRALinear(nn.Linear(8, 8), LoRAConfig(rank=4), "layer")
+            self.classifier = nn.Linear(8, 6)
+
+    torch.manual_seed(1)
+    model = Tiny()
+    reference = copy.deepcopy(model.classifier)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = {n: torch.randn_like(p) for n, p in named}
+    for n, p in named:
+        p.grad = grads[n].clone()
+    config = RunConfig(update_rule=rule, galore_rank=2, frugal_density=0.25)
+    optimizer_factory(config, head_parameters(model))(named, 0.01).step()
+    for p, n in ((reference.weight, "classifier.weight"), (reference.bias, "classifier.bias")):
+        p.grad = grads[n].clone()
+    torch.optim.Adam(reference.parameters(), lr=0.01).step()
+    torch.testing.assert_close(model.classifier.weight, reference.weight)
+    torch.testing.assert_close(model.classifier.bias, reference.bias)

@@ -56,7 +56,7 @@ class FrugalAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                rank = frugal_rank(p.shape, group["density"]) if p.ndim == 2 else None
+                rank = frugal_rank(p.shape, group["density"]) if p.ndim == 2 and group.get("project", True) else None
                 if rank is None or rank == min(p.shape):
                     p.add_(self._adam(self.state[p], p.grad, group), alpha=-group["lr"])
                 elif rank == 0:

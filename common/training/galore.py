@@ -4,7 +4,9 @@ For a trainable matrix W (m x n) with gradient G, every `period` steps a project
 G = U Σ Vᵀ of the current gradient: P = U[:, :r] (m x r) when m <= n, else Q = V[:, :r] (n x r) on the
 right. Adam's moments are kept for R = Pᵀ G (r x n) or R = G Q (m x r) only, and the update is projected
 back: W <- W - lr · scale · P N (or N Qᵀ), N = Adam(R). Tensors that are not matrices, or whose smaller
-side is <= r (the projection would be full rank), take the plain Adam step, exactly `torch.optim.Adam`'s.
+side is <= r (the projection would be full rank), take the plain Adam step, exactly `torch.optim.Adam`'s; so
+does the classifier head (a param group with `project = False`, `update_rules.py`), as in the reference code,
+which projects the adapted matrices only: a rank-r head would move only r of its class directions a period.
 
 Under DP-SGD, G here is the privatized gradient (clipped, noised: `common/training/pieces.py`), so the
 SVD and the projection are post-processing and free; a projector from raw gradients would leak. The
@@ -64,7 +66,7 @@ class GaLoreAdam(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                projected = p.ndim == 2 and group["rank"] < min(p.shape)
+                projected = p.ndim == 2 and group["rank"] < min(p.shape) and group.get("project", True)
                 if not state:
                     state["step"] = 0
                 if projected and state["step"] % group["period"] == 0:

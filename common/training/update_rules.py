@@ -37,7 +37,8 @@ class UpdateRule:
 
 
 class NamedParameters(list):
-    """The (name, parameter) pairs an optimizer gets, with the classifier head's own learning rate (`head-lr`)."""
+    """The (name, parameter) pairs an optimizer gets, with the names of the classifier head and its own learning
+    rate (`head-lr`, 0 = the optimizer's)."""
 
     def __init__(self, named, head: frozenset[str], head_lr: float):
         super().__init__(named)
@@ -45,11 +46,15 @@ class NamedParameters(list):
 
 
 def _params(named: list[tuple[str, nn.Parameter]]) -> list:
-    """The parameters, or two torch param groups when the head has its own learning rate."""
-    if not getattr(named, "head_lr", 0):
+    """The parameters, or, when the head is known, two torch param groups: the adapters, and the head, which
+    projected rules (GaLore, FRUGAL) step with plain Adam (`project = False`) and `head-lr` may speed up."""
+    head = getattr(named, "head", frozenset())
+    if not head:
         return [p for _, p in named]
-    return [{"params": [p for n, p in named if n not in named.head]},
-            {"params": [p for n, p in named if n in named.head], "lr": named.head_lr}]
+    head_group = {"params": [p for n, p in named if n in head], "project": False}
+    if named.head_lr:
+        head_group["lr"] = named.head_lr
+    return [group for group in ({"params": [p for n, p in named if n not in head]}, head_group) if group["params"]]
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {
@@ -92,9 +97,9 @@ def get_update_rule(name: str) -> UpdateRule:
 
 
 def optimizer_factory(config: RunConfig, head: frozenset[str] = frozenset()) -> OptimizerFactory:
-    """The run's update rule; with `head-lr` > 0 the tensors named in `head` step at that learning rate."""
+    """The run's update rule; the tensors named in `head` form their own param group (see `_params`)."""
     make = get_update_rule(config.update_rule).make(config)
-    if config.head_lr <= 0 or not head:
+    if not head:
         return make
     return lambda named, lr: make(NamedParameters(named, head, config.head_lr), lr)
 
