@@ -265,19 +265,21 @@ def test_valid_update_rule_combinations_parse():
         RunConfig.from_flower(overrides)
 
 
+def _lora_and_head(width: int, rank: int, classes: int) -> nn.Module:
+    """One LoRA layer and a classifier head: what `head_parameters` must tell apart."""
+    from common.adapters.lora import LoRAConfig, LoRALinear
+
+    model = nn.Module()
+    model.layer = LoRALinear(nn.Linear(width, width), LoRAConfig(rank=rank), "layer")
+    model.classifier = nn.Linear(width, classes)
+    return model
+
 def test_head_lr_steps_the_classifier_head_at_its_own_learning_rate():
     """SGD with lr 0.1 and head-lr 0.5: the adapter factors move by 0.1 g, the head by 0.5 g; head-lr 0 is lr."""
-    from common.adapters.lora import LoRAConfig, LoRALinear
     from common.training import head_parameters, optimizer_factory
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = LoRALinear(nn.Linear(4, 4), LoRAConfig(rank=2), "layer")
-            self.classifier = nn.Linear(4, 2)
-
     torch.manual_seed(0)
-    model = Tiny()
+    model = _lora_and_head(width=4, rank=2, classes=2)
     head = head_parameters(model)
     assert head == {"classifier.weight", "classifier.bias"}
     for head_lr, expected_head_lr in ((0.5, 0.5), (0.0, 0.1)):
@@ -305,17 +307,10 @@ def test_the_head_of_a_real_model_excludes_adapters_and_trained_embeddings():
 def test_projected_rules_step_the_classifier_head_with_plain_adam(rule):
     """GaLore and FRUGAL project the adapter matrices only (as the reference code does): a 6 x 8 head, which
     rank 2 would project, takes exactly torch's Adam step."""
-    from common.adapters.lora import LoRAConfig, LoRALinear
     from common.training import head_parameters, optimizer_factory
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = LoRALinear(nn.Linear(8, 8), LoRAConfig(rank=4), "layer")
-            self.classifier = nn.Linear(8, 6)
-
     torch.manual_seed(1)
-    model = Tiny()
+    model = _lora_and_head(width=8, rank=4, classes=6)
     reference = copy.deepcopy(model.classifier)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = {n: torch.randn_like(p) for n, p in named}
