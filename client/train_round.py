@@ -19,7 +19,7 @@ from common.config import RunConfig
 from common.data.partition import client_data
 from common.evaluation import evaluate
 from common.layer_sampling import freeze_other_layers
-from common.low_rank_upload import encode as low_rank_encode, upload_rank
+from common.low_rank_upload import low_rank_payload
 from common.model import build_model, pick_device
 from common.payload import load_state, trainable_state
 from common.privacy import PrivacyLedger, PrivacyStep, calibrate_noise_multiplier, poisson_sample_rate
@@ -140,10 +140,8 @@ def train_round(
                     "noise-multiplier": noise or 0.0, "sample-rate": result.sample_rate})
     if noise is None:
         metrics["epsilon"] = math.inf
-    trained = trainable_state(adapted.model, sent)
-    if upload_rank(config):  # GaLore on full weights: each ΔW's change goes as two rank-k factors
-        deltas = {k for k in sent if k.endswith("full_delta.weight")}
-        trained = low_rank_encode(trained, received, upload_rank(config), deltas)
+    # GaLore on full weights: each ΔW's change goes as two rank-k factors
+    trained = low_rank_payload(config, trainable_state(adapted.model, sent), received)
     return TrainOutcome(arrays=trained, metrics=metrics, ledger=ledger.to_dict(),
                         extra={"base-sha256": adapted.base_sha256})
 

@@ -54,6 +54,12 @@ def sample_layers(weights: Sequence[float], count: int, seed: int, server_round:
     return tuple(sorted(int(i) for i in rng.choice(len(p), size=count, replace=False, p=p / p.sum())))
 
 
+def drawn_layers(layer_ids: Sequence[int], weights: Sequence[float], count: int, seed: int, server_round: int
+                 ) -> tuple[int, ...]:
+    """The layers (from `layer_ids`, one weight each) that round `server_round` trains."""
+    return tuple(layer_ids[i] for i in sample_layers(weights, count, seed, server_round))
+
+
 def outlier_ratio(weights: Sequence[torch.Tensor], input_norms: Sequence[torch.Tensor], threshold: float) -> float:
     """OWL's layer outlier ratio: the fraction of entries of A = |W| ⊙ ‖X‖₂ (row-broadcast input norms), over all
     the layer's matrices, above `threshold` times the mean of A over the layer."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.adapters.full import FULL_FACTOR
 from common.payload import PayloadError
 
 U_SUFFIX, V_SUFFIX = "::lowrank_U", "::lowrank_V"
@@ -65,6 +66,15 @@ def decode(wire: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> dict[st
                                f"not multiply to its shape {list(start[key].shape)}")
         dense[key] = (start[key] + u.astype(start[key].dtype) @ v.astype(start[key].dtype)).astype(start[key].dtype)
     return dense
+
+
+def low_rank_payload(config, trained: dict[str, np.ndarray], start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a client sends for its `trained` tensors after a round that began at `start`: with `upload_rank`,
+    each full-weight ΔW as its factor pair (`encode`); otherwise `trained` as it is."""
+    rank = upload_rank(config)
+    if not rank:
+        return trained
+    return encode(trained, start, rank, {k for k in trained if k.endswith(f"{FULL_FACTOR}.weight")})
 
 
 def upload_rank(config) -> int:

@@ -47,6 +47,11 @@ def to_record(arrays: dict[str, np.ndarray]):
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
+def record_nbytes(record) -> int:
+    """The float bytes an ArrayRecord carries (each array's shape x item size, read from its header, not decoded)."""
+    return sum(int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize for array in record.values())
+
+
 def from_record(record) -> dict[str, np.ndarray]:
     """A Flower ArrayRecord as named numpy arrays."""
     return {name: array.numpy() for name, array in record.items()}

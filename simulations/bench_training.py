@@ -2,9 +2,9 @@
 
 For each procedure (an update rule, rank schedule, loss or init, as run-config overrides on LoRA under
 `fedavg_lora`, so both factors train; or full-weight training of the same matrices, adapter `full`, with
-LISA / OwLore's layer sampling at round 1's draw): seconds per local step with and without Opacus DP-SGD, built exactly
-as a client round builds them (`client.train_round.training_parts`: the run's update rule, step pieces and
-loss), the update rule's state after the steps (Adam's moments, GaLore's projected moments, ...), the peak
+LISA / OwLore's layer sampling at round 1's draw): seconds per local step with and without Opacus DP-SGD,
+built exactly as a client round builds them (`client.train_round.training_parts`: the run's update rule, step
+pieces and loss), the update rule's state after the steps (Adam's moments, GaLore's projected moments, ...), the peak
 resident memory of the process that ran it (one fresh process per procedure, so the figures do not mix),
 the bytes a client sends per round (after the steps, so GaLore's low-rank factor pairs on full weights), and
 with `--federated` the global accuracy and loss after a short federated DP run (`FEDERATED`: a real `flwr run`
@@ -80,8 +80,8 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
     from client.train_round import training_parts
     from common.config import RunConfig
     from common.data.partition import client_data
-    from common.layer_sampling import freeze_other_layers, layer_weights, layers_of, sample_layers
-    from common.low_rank_upload import encode as low_rank_encode, upload_rank
+    from common.layer_sampling import drawn_layers, freeze_other_layers, layer_weights, layers_of
+    from common.low_rank_upload import low_rank_payload
     from common.model import build_model, pick_device
     from common.payload import trainable_state
     from common.tensors import encode
@@ -94,7 +94,7 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
     if config.layer_sampling != "none":
         names = build_model(config, num_labels=len(data.label_names)).trainable
         ids = layers_of(names)
-        layers = [ids[i] for i in sample_layers(layer_weights(config, ids), config.layers_per_round, config.seed, 1)]
+        layers = drawn_layers(ids, layer_weights(config, ids), config.layers_per_round, config.seed, 1)
     modes = {"plain": None, "dp": 1.0}
     timings: dict[str, list[float]] = {mode: [] for mode in modes}
     state_bytes, payload_bytes = 0, 0
@@ -117,10 +117,7 @@ def measure(name: str, steps: int, warmup: int, repeats: int, batch_size: int, s
             start = time.perf_counter()
             result = run(steps, repeat)
             # what a client would send after these steps: low-rank factor pairs under GaLore on full weights
-            sent = trainable_state(adapted.model)
-            if upload_rank(config):
-                sent = low_rank_encode(sent, start_state, upload_rank(config),
-                                       {k for k in sent if k.endswith("full_delta.weight")})
+            sent = low_rank_payload(config, trainable_state(adapted.model), start_state)
             payload_bytes = sum(v.nbytes for v in sent.values())
             timings[mode].append((time.perf_counter() - start) / steps)
             state_bytes = max(state_bytes, result.optimizer_state_bytes)

@@ -22,6 +22,9 @@ from torch import nn
 from common.adapters.base import AdapterLayer
 
 
+FULL_FACTOR = "full_delta"  # the trained sub-module's name: payload keys end in "full_delta.weight"
+
+
 @dataclass(frozen=True)
 class FullConfig:
     target_modules: tuple[str, ...] = ("query", "value")

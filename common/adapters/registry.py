@@ -22,7 +22,7 @@ from common.adapters.bone import BoneConfig, BoneLinear, bone_peft_config, bone_
 from common.adapters.codyra import CoDyRALinear, codyra_config, codyra_trainable_count
 from common.adapters.diffora import diffora_config, diffora_linear, diffora_trainable_count
 from common.adapters.dora import DoRALinear, dora_trainable_count
-from common.adapters.full import FullConfig, FullLinear, full_trainable_count
+from common.adapters.full import FULL_FACTOR, FullConfig, FullLinear, full_trainable_count
 from common.adapters.lora import LoRAConfig, LoRALinear, lora_trainable_count, start_from_gradient
 from common.adapters.lora_inits import get_lora_init
 from common.adapters.core_basis import core_trainable_count
@@ -234,7 +234,7 @@ ADAPTERS: dict[str, AdapterKind] = {
     "full": AdapterKind(
         make_config=lambda c: FullConfig(target_modules=c.target_module_names),
         wrap=FullLinear,
-        trainable_factors=("full_delta",),
+        trainable_factors=(FULL_FACTOR,),
         exact_averaging=True,  # W0 + ΔW is linear in ΔW: the mean of the ΔW is the mean of the weights
         trainable_count=full_trainable_count,
     ),

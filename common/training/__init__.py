@@ -61,5 +61,6 @@ def step_pieces(config: RunConfig, model: nn.Module, server_round: int) -> list[
 
 
 __all__ = ["RANK_SCHEDULES", "TRAINING_LOSSES", "UPDATE_RULES", "StepPiece", "base_model_logits",
-           "get_rank_schedule", "get_update_rule", "head_parameters", "optimizer_factory", "privatize_then_update", "step_pieces",
+           "get_rank_schedule", "get_update_rule", "head_parameters", "optimizer_factory", "privatize_then_update",
+           "step_pieces",
            "training_loss"]

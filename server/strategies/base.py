@@ -28,7 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from common.errors import ConfigError
 from common.logs import get_logger
 from common.low_rank_upload import decode as decode_low_rank, logical_keys
-from common.payload import PayloadError, from_record, to_record
+from common.payload import PayloadError, from_record, record_nbytes, to_record
 from common.privacy import PrivacyStep
 from server.aggregation import clip_update, weighted_mean
 
@@ -115,7 +115,6 @@ class LoRAStrategy(FedAvg):
         self.sampled: dict[int, list[int]] = {}  # round -> nodes sent a training instruction
         self.node_clients: dict[int, str] = {}  # node id -> the client id its last readable reply gave
         self.trained_rounds: dict[str, list[int]] = {}  # client -> rounds it trained (report's ledger check)
-        self.reply_wire_bytes = 0  # float bytes of the last reply `_read_reply` read, as sent (before decoding)
 
     @classmethod
     def from_config(cls, config, run_dir: str) -> "LoRAStrategy":
@@ -312,7 +311,7 @@ class LoRAStrategy(FedAvg):
                 self.record_fault(server_round, node, client, "malformed-reply", problem, "reply rejected")
                 rejected += 1
                 continue
-            bytes_up += self.reply_wire_bytes  # what travelled: factor pairs at their size
+            bytes_up += record_nbytes(content["arrays"])  # what travelled: factor pairs at their size
             if self.max_update_norm:
                 payload = self._bound_update(payload, server_round, node, client)
             accepted.append(payload)
@@ -446,7 +445,6 @@ class LoRAStrategy(FedAvg):
             wire = from_record(record)
         except (ValueError, TypeError, EOFError, OSError) as err:  # bytes that are not what the header claims
             return {}, f"its arrays cannot be decoded ({type(err).__name__}: {str(err)[:80]})"
-        self.reply_wire_bytes = sum(v.nbytes for v in wire.values())
         try:
             payload = decode_low_rank(wire, self.global_arrays)
         except PayloadError as err:

@@ -10,7 +10,7 @@ public split, so a resumed run draws what the uninterrupted one would: nothing t
 
 from __future__ import annotations
 
-from common.layer_sampling import layer_index, layer_weights, layers_of, sample_layers
+from common.layer_sampling import drawn_layers, layer_index, layer_weights, layers_of
 from common.logs import get_logger
 from server.strategies.base import LoRAStrategy
 
@@ -20,11 +20,9 @@ log = get_logger("server")
 class LayerSampling:
     """Mixin: put before a LoRAStrategy in the bases (see `with_layer_sampling`)."""
 
-    def init_layer_sampling(self, config, weights_of) -> None:
-        """`weights_of(layers) -> weights`: the sampler's weight of each layer (computed on first use)."""
-        self.sampler_name = config.layer_sampling
-        self.layers_per_round = config.layers_per_round
-        self.weights_of = weights_of
+    def init_layer_sampling(self, config) -> None:
+        """The run's sampler settings; the draw weights are computed on first use (`layers_for`)."""
+        self.sampling_config = config
         self.layer_ids: list[int] | None = None
         self.layer_draw_weights: list[float] = []
         self.round_layers: tuple[int, ...] | None = None  # the current round's layers (None: before round 1)
@@ -32,22 +30,24 @@ class LayerSampling:
     @classmethod
     def from_config(cls, config, run_dir: str):
         strategy = super().from_config(config, run_dir)
-        strategy.init_layer_sampling(config, lambda layers: layer_weights(config, layers))
+        strategy.init_layer_sampling(config)
         return strategy
 
     def layers_for(self, server_round: int) -> tuple[int, ...]:
+        config = self.sampling_config
         if self.layer_ids is None:
             self.layer_ids = layers_of(self.global_arrays)
-            self.layer_draw_weights = self.weights_of(self.layer_ids)
-            log.info("layer sampling (%s): %d of layers %s each round, draw weights %s", self.sampler_name,
-                     self.layers_per_round, self.layer_ids, [round(w, 4) for w in self.layer_draw_weights])
-        drawn = sample_layers(self.layer_draw_weights, self.layers_per_round, self.seed, server_round)
-        return tuple(self.layer_ids[i] for i in drawn)
+            self.layer_draw_weights = layer_weights(config, self.layer_ids)
+            log.info("layer sampling (%s): %d of layers %s each round, draw weights %s", config.layer_sampling,
+                     config.layers_per_round, self.layer_ids, [round(w, 4) for w in self.layer_draw_weights])
+        return drawn_layers(self.layer_ids, self.layer_draw_weights, config.layers_per_round, self.seed,
+                            server_round)
 
     def train_messages(self, server_round, nodes, config):
         self.round_layers = self.layers_for(server_round)
         config["train-layers"] = ",".join(map(str, self.round_layers))
-        log.info("round %d: training layers %s (%s)", server_round, list(self.round_layers), self.sampler_name)
+        log.info("round %d: training layers %s (%s)", server_round, list(self.round_layers),
+                 self.sampling_config.layer_sampling)
         return super().train_messages(server_round, nodes, config)
 
     def uplink_keys(self) -> set[str]:
