@@ -98,3 +98,48 @@ def test_averaging_b_with_a_shared_is_exact_but_averaging_both_factors_is_not():
     mean_a = weighted_mean([{"a": x} for x in a_s], weights)["a"]
     true_mean = weighted_mean([{"p": b_k @ a_k} for b_k, a_k in zip(bs, a_s)], weights)["p"]
     assert np.abs(mean_b @ mean_a - true_mean).max() > 0.1
+
+
+def lora_init_a(d_in: int = 384, rank: int = 8) -> np.ndarray:
+    """The A that every LoRA layer of a run starts from (Kaiming-uniform, as in PEFT), in float64."""
+    import torch
+
+    from common.adapters.lora import LoRAConfig, LoRALinear
+
+    layer = LoRALinear(torch.nn.Linear(d_in, d_in), LoRAConfig(rank=rank), "encoder.layer.0.attention.self.query")
+    return layer.lora_A.weight.detach().double().numpy()
+
+
+def row_space_projector(a: np.ndarray) -> np.ndarray:
+    return a.T @ np.linalg.solve(a @ a.T, a)
+
+
+def test_fedsvd_never_moves_a_out_of_the_initial_row_space_whatever_b_holds():
+    """B A's rows lie in A's row space, so the re-derived A' spans exactly the rows of the A it came from: round
+    after round, a B that is all DP noise only rotates A inside the start's span (it cannot turn A toward
+    noise directions of the d_in-dimensional input space)."""
+    a0 = lora_init_a()
+    start = row_space_projector(a0)
+    rng = np.random.default_rng(0)
+    b, a = np.zeros((384, 8)), a0
+    for _ in range(3):
+        b = b + rng.normal(size=b.shape)  # an aggregated update that is pure noise
+        b, a = fedsvd_reorthogonalize(b, a)
+        np.testing.assert_allclose(row_space_projector(a), start, atol=1e-10)
+
+
+def test_fedsvd_steps_about_three_times_ffa_lora_in_w_after_one_round_at_the_same_lr():
+    """With A frozen, a gradient G of W moves W by -lr s^2 G A^T A. LoRA's start A has rows of squared norm 1/3
+    (Kaiming-uniform on d_in = 384), nearly orthogonal, so A^T A ~ P/3; FedSVD's A' after one aggregation has
+    orthonormal rows over the same span, A'^T A' = P. So for unclipped gradients FedSVD's step in W is ~3x
+    FFA-LoRA's from round 2 on (sqrt(3)x where every example is clipped, as clipping acts on B's gradient,
+    G A^T, whose norm scales with |A|): the lr is not matched between the two (README, Results)."""
+    a0 = lora_init_a()
+    np.testing.assert_allclose(np.sum(a0**2, axis=1), 1 / 3, atol=0.06)
+    _, a1 = fedsvd_reorthogonalize(np.random.default_rng(1).normal(size=(384, 8)), a0)
+    g = np.random.default_rng(2).normal(size=(384, 384))
+    ffa_step, fedsvd_step = g @ a0.T @ a0, g @ a1.T @ a1
+    assert 0.28 < np.linalg.norm(ffa_step) / np.linalg.norm(fedsvd_step) < 0.39
+    # B's gradient G A^T is ~1/sqrt(3) as large under FFA-LoRA's A; clipped to the same norm, the W steps
+    # (that clipped gradient times A) then differ by the ratio of A's row norms alone, ~1/sqrt(3).
+    assert 0.52 < np.linalg.norm(g @ a0.T) / np.linalg.norm(g @ a1.T) < 0.63

@@ -123,6 +123,9 @@ def audit_run(tmp_path, name: str, *settings: str) -> dict:
 @pytest.mark.slow
 def test_audit_without_dp_finds_a_large_bound_and_with_dp_stays_below_epsilon(tmp_path):
     off = audit_run(tmp_path, "off", "target-epsilon=inf")
-    assert off["epsilon"] is None and off["audit"]["epsilon_lower_bound"] > 2.0, off["audit"]  # measured 3.0
+    # Without DP the audit must refute small epsilons: a bound above 1.0 needs about 81 of 100 guesses right,
+    # where a model that learned nothing of the canaries gets 50. Measured: 3.0 (about 99 right) and, in a CI
+    # run, 1.92 (93 right): the count moves with the run, so the threshold leaves room below both.
+    assert off["epsilon"] is None and off["audit"]["epsilon_lower_bound"] > 1.0, off["audit"]
     on = audit_run(tmp_path, "on", "target-epsilon=2.0")
     assert on["audit"]["epsilon_lower_bound"] <= on["epsilon"], (on["audit"], on["epsilon"])
