@@ -9,6 +9,10 @@ Writes, from the finished ("ok") rows only:
 - `rounds.png`: global accuracy per round, one panel per target epsilon, mean over seeds;
 - `summary.md`: the table (strategy x epsilon x partitioner: accuracy mean ± CI half-width, seeds, max spent
   epsilon, MB sent, intruder dimensions), plus a line per failed cell.
+
+Only seeds are pooled: rows that differ in any other setting (an `lr` given to one strategy, an older run of
+the same grid at other settings still in the file) are separate groups, labelled with the settings that tell
+them apart, e.g. `fedavg_lora (lr 0.003)`. `--sweep FILE.toml` keeps only that sweep file's cells.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from pathlib import Path
 
 from common.errors import FedloraError, exit_on_user_error
 from simulations.sweep import read_results
+from simulations.sweep_config import Sweep, load_sweep
 
 GROUP_KEYS = ("strategy", "adapter", "partitioner", "target-epsilon")
+POOLED_KEYS = ("seed", "run-dir")  # what may differ within a group: the rest of a row's settings defines it
 
 
 def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -40,20 +46,57 @@ def setting(row: dict, key: str, defaults: dict):
     return row["overrides"].get(key, defaults.get(key))
 
 
-def group_rows(rows: list[dict], defaults: dict) -> dict[tuple, list[dict]]:
-    """Finished federated rows grouped by (strategy, adapter, partitioner, target epsilon): seeds pooled."""
+def group_rows(rows: list[dict], defaults: dict, kind: str = "federated") -> dict[tuple, list[dict]]:
+    """Finished rows of one kind grouped by all their settings but the seed: ((key, value), ...) -> rows."""
+    finished = [r for r in rows if r.get("status") == "ok" and r.get("kind") == kind]
+    keys = sorted({k for r in finished for k in r["overrides"]} - set(POOLED_KEYS) | set(GROUP_KEYS))
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        if row.get("status") == "ok" and row.get("kind") == "federated":
-            groups[tuple(setting(row, k, defaults) for k in GROUP_KEYS)].append(row)
+    for row in finished:
+        groups[tuple((k, _hashable(setting(row, k, defaults))) for k in keys)].append(row)
     return dict(groups)
+
+
+def telling_settings(groups: dict[tuple, list[dict]]) -> list[str]:
+    """The settings outside GROUP_KEYS whose value differs between groups: what a label must show."""
+    keys = {k for group in groups for k, _ in group} - set(GROUP_KEYS)
+    return sorted(k for k in keys if len({dict(group)[k] for group in groups}) > 1)
+
+
+def label(group: tuple, telling: list[str], name: str | None = None) -> str:
+    """`fedavg_lora (lr 0.003)`: a name (the strategy by default) and the settings that tell groups apart."""
+    values = dict(group)
+    name = values["strategy"] if name is None else name
+    extra = ", ".join(f"{k} {_value(values[k])}" for k in telling)
+    return f"{name} ({extra})" if extra else name
+
+
+def cells_of(rows: list[dict], sweep: Sweep) -> list[dict]:
+    """The rows of a sweep file's cells (by cell id), in the file's order; rows of other cells are dropped."""
+    ids = [cell.id for cell in sweep.cells()]
+    by_id = {r["cell"]: r for r in rows}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def value_of(group: tuple, key: str):
+    return dict(group)[key]
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _value(value) -> str:
+    return "default" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def summary_table(rows: list[dict], defaults: dict) -> str:
     lines = ["| strategy | adapter | partitioner | target ε | accuracy (mean ± 95% CI) | seeds | max ε spent | "
              "MB sent | intruders |", "|---|---|---|---|---|---|---|---|---|"]
     groups = group_rows(rows, defaults)
-    for key in sorted(groups, key=lambda k: (str(k[0]), str(k[1]), str(k[2]), _eps_order(k[3]))):
+    telling = telling_settings(groups)
+    for key in sorted(groups, key=lambda k: (label(k, telling), str(value_of(k, "adapter")),
+                                             str(value_of(k, "partitioner")),
+                                             _eps_order(value_of(k, "target-epsilon")))):
         members = groups[key]
         mean, half = mean_interval([r["accuracy"] for r in members])
         spent = [r["epsilon_max"] for r in members if r.get("epsilon_max") is not None]
@@ -61,14 +104,16 @@ def summary_table(rows: list[dict], defaults: dict) -> str:
         intruders = sum(r.get("intruders_total", 0) for r in members) / len(members)
         ci = "" if math.isnan(half) else f" ± {half:.3f}"
         spent_text = f"{max(spent):.2f}" if spent else "not private"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_eps(key[3])} | {mean:.3f}{ci} | {len(members)} | "
+        lines.append(f"| {label(key, telling)} | {value_of(key, 'adapter')} | {value_of(key, 'partitioner')} | "
+                     f"{_eps(value_of(key, 'target-epsilon'))} | {mean:.3f}{ci} | {len(members)} | "
                      f"{spent_text} | {sent:.1f} | {intruders:.1f} |")
-    reference = [r for r in rows if r.get("status") == "ok" and r.get("kind") == "reference"]
-    if reference:
-        mean, half = mean_interval([r["accuracy"] for r in reference])
+    references = group_rows(rows, defaults, kind="reference")
+    telling = telling_settings(references)
+    for key, members in sorted(references.items(), key=lambda item: label(item[0], telling, "")):
+        mean, half = mean_interval([r["accuracy"] for r in members])
         ci = "" if math.isnan(half) else f" ± {half:.3f}"
-        lines.append(f"\nCentralized non-private LoRA on the pooled data: accuracy {mean:.3f}{ci} "
-                     f"({len(reference)} seeds).")
+        name = label(key, telling, "Centralized non-private LoRA on the pooled data")
+        lines.append(f"\n{name}: accuracy {mean:.3f}{ci} ({len(members)} seed{'s' if len(members) > 1 else ''}).")
     failed = [r for r in rows if r.get("status") != "ok"]
     for row in failed:
         lines.append(f"\nFailed cell {row['cell']} ({row.get('overrides')}): {row.get('error')}")
@@ -83,23 +128,29 @@ def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     groups = group_rows(rows, defaults)
-    reference = [r["accuracy"] for r in rows if r.get("status") == "ok" and r.get("kind") == "reference"]
-    partitioners = sorted({k[2] for k in groups})
-    epsilons = sorted({k[3] for k in groups}, key=_eps_order)
+    telling = telling_settings(groups)
+    references = group_rows(rows, defaults, kind="reference")
+    reference_telling = telling_settings(references)
+    partitioners = sorted({value_of(k, "partitioner") for k in groups}, key=str)
+    epsilons = sorted({value_of(k, "target-epsilon") for k in groups}, key=_eps_order)
     position = {eps: i for i, eps in enumerate(epsilons)}
-    paths = []
 
+    def line_of(key: tuple) -> str:  # one line per strategy, adapter and telling settings
+        return f"{label(key, telling)} [{value_of(key, 'adapter')}]"
+
+    paths = []
     fig, axes = plt.subplots(1, max(1, len(partitioners)), figsize=(5 * max(1, len(partitioners)), 4), squeeze=False)
     for ax, partitioner in zip(axes[0], partitioners):
-        for line in sorted({(k[0], k[1]) for k in groups if k[2] == partitioner}):
-            keys = sorted((k for k in groups if (k[0], k[1]) == line and k[2] == partitioner),
-                          key=lambda k: _eps_order(k[3]))
+        here = [k for k in groups if value_of(k, "partitioner") == partitioner]
+        for line in sorted({line_of(k) for k in here}):
+            keys = sorted((k for k in here if line_of(k) == line),
+                          key=lambda k: _eps_order(value_of(k, "target-epsilon")))
             stats = [mean_interval([r["accuracy"] for r in groups[k]]) for k in keys]
-            ax.errorbar([position[k[3]] for k in keys], [m for m, _ in stats],
-                        yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3,
-                        label=f"{line[0]} ({line[1]})")
-        if reference:
-            ax.axhline(sum(reference) / len(reference), color="gray", linestyle="--", label="centralized, no DP")
+            ax.errorbar([position[value_of(k, "target-epsilon")] for k in keys], [m for m, _ in stats],
+                        yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, label=line)
+        for key, members in sorted(references.items(), key=lambda item: label(item[0], reference_telling, "")):
+            ax.axhline(sum(r["accuracy"] for r in members) / len(members), color="gray", linestyle="--",
+                       label=label(key, reference_telling, "centralized, no DP"))
         ax.set_xticks(range(len(epsilons)), [_eps(e) for e in epsilons])
         ax.set_xlabel("target epsilon")
         ax.set_ylabel("global test accuracy")
@@ -111,7 +162,7 @@ def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:
     by_strategy = defaultdict(list)
     for key, members in groups.items():
         for r in members:
-            by_strategy[key[0]].append(((r["bytes_up"] + r["bytes_down"]) / 1e6, r["accuracy"]))
+            by_strategy[label(key, telling)].append(((r["bytes_up"] + r["bytes_down"]) / 1e6, r["accuracy"]))
     for strategy, points in sorted(by_strategy.items()):
         ax.scatter([p[0] for p in points], [p[1] for p in points], label=strategy, s=18)
     ax.set_xlabel("MB sent (up + down, all rounds)")
@@ -121,11 +172,12 @@ def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, max(1, len(epsilons)), figsize=(4 * max(1, len(epsilons)), 3.5), squeeze=False)
     for ax, eps in zip(axes[0], epsilons):
-        for key in sorted(k for k in groups if k[3] == eps):
+        for key in sorted((k for k in groups if value_of(k, "target-epsilon") == eps),
+                          key=lambda k: (label(k, telling), str(value_of(k, "partitioner")))):
             members = groups[key]
             count = min(len(r["rounds"]) for r in members)
             curve = [sum(r["rounds"][i]["accuracy"] for r in members) / len(members) for i in range(count)]
-            ax.plot(range(count), curve, marker=".", label=f"{key[0]} {key[2]}")
+            ax.plot(range(count), curve, marker=".", label=f"{label(key, telling)} {value_of(key, 'partitioner')}")
         ax.set_title(f"target epsilon {_eps(eps)}")
         ax.set_xlabel("round")
         ax.set_ylabel("global test accuracy")
@@ -158,10 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Figures and summary table of a sweep's results.")
     parser.add_argument("results", type=Path, help="the sweep's JSONL results file")
     parser.add_argument("--out", type=Path, help="output directory (default: RESULTS without .jsonl + -figures)")
+    parser.add_argument("--sweep", type=Path, help="keep only this sweep file's cells (others in RESULTS are left out)")
     args = parser.parse_args(argv)
     if not args.results.exists():
         raise FedloraError(f"results file {args.results} does not exist: run python -m simulations.sweep first")
     rows = list(read_results(args.results).values())
+    if args.sweep is not None:
+        rows = cells_of(rows, load_sweep(args.sweep))
     if not any(r.get("status") == "ok" for r in rows):
         raise FedloraError(f"{args.results} has no finished cell yet")
     out = args.out or args.results.with_name(args.results.stem + "-figures")

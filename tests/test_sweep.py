@@ -190,3 +190,40 @@ def test_summary_table_and_figures_from_rows(sweep_file, tmp_path):
     paths = plot(rows, defaults, tmp_path / "figures")
     assert [p.name for p in paths] == ["accuracy_vs_epsilon.png", "accuracy_vs_bytes.png", "rounds.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_rows_at_other_settings_are_not_pooled_as_seeds_and_are_labelled_by_them(sweep_file):
+    """An older run of the same grid at another lr (still in the results file) is its own group, not a 'seed'."""
+    def row(cell, seed, accuracy, kind="federated", **settings):
+        overrides = {"strategy": "ffa_lora", "target-epsilon": 3.0, "seed": seed, **settings}
+        return {"cell": cell, "kind": kind, "status": "ok", "overrides": overrides, "accuracy": accuracy,
+                "epsilon_max": 3.0, "bytes_up": 0, "bytes_down": 0, "rounds": [{"accuracy": accuracy}]}
+
+    rows = [row("a", 0, 0.5), row("b", 1, 0.7), row("c", 0, 0.1, lr=0.3),
+            row("r0", 0, 0.9, kind="reference"), row("r1", 0, 0.2, kind="reference", lr=0.3)]
+    defaults = {"adapter": "lora", "partitioner": "dirichlet", "lr": 0.03}
+    table = summary_table(rows, defaults)
+    mean, half = mean_interval([0.5, 0.7])
+    assert f"| ffa_lora (lr 0.03) | lora | dirichlet | 3 | {mean:.3f} ± {half:.3f} | 2 |" in table
+    assert "| ffa_lora (lr 0.3) | lora | dirichlet | 3 | 0.100 | 1 |" in table
+    assert "pooled data (lr 0.03): accuracy 0.900 (1 seed)." in table
+    assert "pooled data (lr 0.3): accuracy 0.200 (1 seed)." in table
+    # Only seeds differ: no settings in the label, the table as before.
+    assert "| ffa_lora | lora | dirichlet | 3 |" in summary_table(rows[:2], defaults)
+
+
+def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path, capsys):
+    from simulations.plot_sweep import main as plot_main
+
+    sweep = load_sweep(sweep_file)
+    accuracies = iter([0.5, 0.7, 0.2, 0.3, 0.6, 0.8, 0.25, 0.35, 0.9, 0.92])
+    run_sweep(sweep, lambda cell, d, r: fake_row(cell, next(accuracies)), {}, log=lambda line: None)
+    stranger = {**read_results(sweep.results)[sweep.cells()[0].id], "cell": "elsewhere", "accuracy": 0.01}
+    stranger["overrides"] = {**stranger["overrides"], "lr": 0.5}
+    with sweep.results.open("a") as handle:
+        handle.write(json.dumps(stranger) + "\n")
+    plot_main([str(sweep.results), "--out", str(tmp_path / "all")])
+    assert "lr 0.5" in (tmp_path / "all" / "summary.md").read_text()
+    plot_main([str(sweep.results), "--out", str(tmp_path / "grid"), "--sweep", str(sweep_file)])
+    table = (tmp_path / "grid" / "summary.md").read_text()
+    assert "lr 0.5" not in table and "| ffa_lora | lora |" in table
