@@ -18,6 +18,7 @@ them apart, e.g. `fedavg_lora (lr 0.003)`. `--sweep FILE.toml` keeps only that s
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -148,9 +149,11 @@ def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:
             stats = [mean_interval([r["accuracy"] for r in groups[k]]) for k in keys]
             ax.errorbar([position[value_of(k, "target-epsilon")] for k in keys], [m for m, _ in stats],
                         yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, label=line)
-        for key, members in sorted(references.items(), key=lambda item: label(item[0], reference_telling, "")):
-            ax.axhline(sum(r["accuracy"] for r in members) / len(members), color="gray", linestyle="--",
+        ordered = sorted(references.items(), key=lambda item: label(item[0], reference_telling, ""))
+        for (key, members), style in zip(ordered, itertools.cycle(["--", ":", "-."])):
+            ax.axhline(sum(r["accuracy"] for r in members) / len(members), color="gray", linestyle=style,
                        label=label(key, reference_telling, "centralized, no DP"))
+        ax.set_ylim(0, 1)  # an accuracy: a 2-seed t-interval can reach far past [0, 1]
         ax.set_xticks(range(len(epsilons)), [_eps(e) for e in epsilons])
         ax.set_xlabel("target epsilon")
         ax.set_ylabel("global test accuracy")
