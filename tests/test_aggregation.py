@@ -129,11 +129,12 @@ def test_fedsvd_never_moves_a_out_of_the_initial_row_space_whatever_b_holds():
 
 
 def test_fedsvd_steps_about_three_times_ffa_lora_in_w_after_one_round_at_the_same_lr():
-    """With A frozen, a gradient G of W moves W by -lr s^2 G A^T A. LoRA's start A has rows of squared norm 1/3
-    (Kaiming-uniform on d_in = 384), nearly orthogonal, so A^T A ~ P/3; FedSVD's A' after one aggregation has
-    orthonormal rows over the same span, A'^T A' = P. So for unclipped gradients FedSVD's step in W is ~3x
-    FFA-LoRA's from round 2 on (sqrt(3)x where every example is clipped, as clipping acts on B's gradient,
-    G A^T, whose norm scales with |A|): the lr is not matched between the two (README, Results)."""
+    """With A frozen, an SGD step on B for a gradient G of W moves W by -lr s^2 G A^T A. LoRA's start A has rows
+    of squared norm 1/3 (Kaiming-uniform on d_in = 384), nearly orthogonal, so A^T A ~ P/3; FedSVD's A' after
+    one aggregation has orthonormal rows over the same span, A'^T A' = P. So from round 2 on, at one lr,
+    FedSVD's SGD step in W is ~3x FFA-LoRA's; a step of fixed size in B (Adam's, about lr per coordinate
+    whatever the gradient's scale, or a clipped one) moves W by |A| times it: ~sqrt(3)x. The lr is not matched
+    between the two strategies (README, Results)."""
     a0 = lora_init_a()
     np.testing.assert_allclose(np.sum(a0**2, axis=1), 1 / 3, atol=0.06)
     _, a1 = fedsvd_reorthogonalize(np.random.default_rng(1).normal(size=(384, 8)), a0)
