@@ -109,16 +109,47 @@ def summary_table(rows: list[dict], defaults: dict) -> str:
                      f"{_eps(value_of(key, 'target-epsilon'))} | {mean:.3f}{ci} | {len(members)} | "
                      f"{spent_text} | {sent:.1f} | {intruders:.1f} |")
     references = group_rows(rows, defaults, kind="reference")
-    telling = telling_settings(references)
-    for key, members in sorted(references.items(), key=lambda item: label(item[0], telling, "")):
+    reference_telling = telling_settings(references)
+    for key, members in sorted(references.items(), key=lambda item: label(item[0], reference_telling, "")):
         mean, half = mean_interval([r["accuracy"] for r in members])
         ci = "" if math.isnan(half) else f" ± {half:.3f}"
-        name = label(key, telling, "Centralized non-private LoRA on the pooled data")
+        name = label(key, reference_telling, "Centralized non-private LoRA on the pooled data")
         lines.append(f"\n{name}: accuracy {mean:.3f}{ci} ({len(members)} seed{'s' if len(members) > 1 else ''}).")
+    paired = paired_differences(groups, telling)
+    if paired:
+        lines += ["\nPaired by seed (the same data split, the same sampled clients' data): accuracy of one row "
+                  "minus another's over the seeds both have, mean ± 95% t-interval.\n",
+                  "| difference | adapter | partitioner | target ε | mean ± 95% CI | seeds | per seed |",
+                  "|---|---|---|---|---|---|---|", *paired]
     failed = [r for r in rows if r.get("status") != "ok"]
     for row in failed:
         lines.append(f"\nFailed cell {row['cell']} ({row.get('overrides')}): {row.get('error')}")
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(groups: dict[tuple, list[dict]], telling: list[str]) -> list[str]:
+    """Table lines: for two rows of one adapter, partitioner and epsilon, the mean over their shared seeds of
+    the accuracy difference. A seed fixes the data split, which moves every strategy's accuracy together, so the
+    paired difference is tighter than the two rows' own intervals."""
+    by_context: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for key, members in groups.items():
+        context = (str(value_of(key, "adapter")), str(value_of(key, "partitioner")), value_of(key, "target-epsilon"))
+        by_context[context][label(key, telling)] = {r["overrides"].get("seed"): r["accuracy"] for r in members}
+    lines = []
+    for context in sorted(by_context, key=lambda c: (c[0], c[1], _eps_order(c[2]))):
+        names = sorted(by_context[context])
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                a, b = by_context[context][first], by_context[context][second]
+                seeds = sorted(set(a) & set(b), key=str)
+                if len(seeds) < 2:
+                    continue
+                differences = [a[seed] - b[seed] for seed in seeds]
+                mean, half = mean_interval(differences)
+                each = ", ".join(f"{d:+.3f}" for d in differences)
+                lines.append(f"| {first} − {second} | {context[0]} | {context[1]} | {_eps(context[2])} | "
+                             f"{mean:+.3f} ± {half:.3f} | {len(seeds)} | {each} |")
+    return lines
 
 
 def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:

@@ -227,3 +227,22 @@ def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path, c
     plot_main([str(sweep.results), "--out", str(tmp_path / "grid"), "--sweep", str(sweep_file)])
     table = (tmp_path / "grid" / "summary.md").read_text()
     assert "lr 0.5" not in table and "| ffa_lora | lora |" in table
+
+
+def test_paired_differences_pool_the_per_seed_differences_of_shared_seeds():
+    def row(strategy, seed, accuracy):
+        return {"cell": f"{strategy}{seed}", "kind": "federated", "status": "ok", "accuracy": accuracy,
+                "overrides": {"strategy": strategy, "target-epsilon": 8.0, "seed": seed},
+                "epsilon_max": 8.0, "bytes_up": 0, "bytes_down": 0, "rounds": [{"accuracy": accuracy}]}
+
+    rows = [row("fedsvd", 0, 0.30), row("fedsvd", 1, 0.50), row("fedsvd", 2, 0.40),
+            row("ffa_lora", 0, 0.20), row("ffa_lora", 1, 0.45)]  # seed 2 missing: 2 shared seeds
+    table = summary_table(rows, {"adapter": "lora", "partitioner": "dirichlet"})
+    mean, half = mean_interval([0.30 - 0.20, 0.50 - 0.45])
+    assert f"| fedsvd − ffa_lora | lora | dirichlet | 8 | {mean:+.3f} ± {half:.3f} | 2 | +0.100, +0.050 |" in table
+    assert "Paired by seed" not in summary_table(rows[:3] + rows[3:4], {"adapter": "lora"})  # one shared seed
+    rows += [{**rows[0], "cell": "ref", "kind": "reference", "overrides": {**rows[0]["overrides"], "lr": 0.1}}]
+    rows[3]["overrides"] = {**rows[3]["overrides"], "lr": 0.3}  # ffa_lora's rows at another lr than fedsvd's
+    rows[4]["overrides"] = {**rows[4]["overrides"], "lr": 0.3}
+    table = summary_table(rows, {"adapter": "lora", "partitioner": "dirichlet", "lr": 0.03})
+    assert f"| fedsvd (lr 0.03) − ffa_lora (lr 0.3) | lora | dirichlet | 8 | {mean:+.3f}" in table
