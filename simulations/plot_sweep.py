@@ -71,6 +71,11 @@ def label(group: tuple, telling: list[str], name: str | None = None) -> str:
     return f"{name} ({extra})" if extra else name
 
 
+def by_label(groups: dict[tuple, list[dict]], telling: list[str]) -> list[tuple[tuple, list[dict]]]:
+    """(key, rows) pairs in the order of the settings that tell them apart (the references' order)."""
+    return sorted(groups.items(), key=lambda item: label(item[0], telling, ""))
+
+
 def cells_of(rows: list[dict], sweep: Sweep) -> list[dict]:
     """The rows of a sweep file's cells (by cell id), in the file's order; rows of other cells are dropped."""
     ids = [cell.id for cell in sweep.cells()]
@@ -110,7 +115,7 @@ def summary_table(rows: list[dict], defaults: dict) -> str:
                      f"{spent_text} | {sent:.1f} | {intruders:.1f} |")
     references = group_rows(rows, defaults, kind="reference")
     reference_telling = telling_settings(references)
-    for key, members in sorted(references.items(), key=lambda item: label(item[0], reference_telling, "")):
+    for key, members in by_label(references, reference_telling):
         mean, half = mean_interval([r["accuracy"] for r in members])
         ci = "" if math.isnan(half) else f" ± {half:.3f}"
         name = label(key, reference_telling, "Centralized non-private LoRA on the pooled data")
@@ -180,8 +185,7 @@ def plot(rows: list[dict], defaults: dict, out: Path) -> list[Path]:
             stats = [mean_interval([r["accuracy"] for r in groups[k]]) for k in keys]
             ax.errorbar([position[value_of(k, "target-epsilon")] for k in keys], [m for m, _ in stats],
                         yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, label=line)
-        ordered = sorted(references.items(), key=lambda item: label(item[0], reference_telling, ""))
-        for (key, members), style in zip(ordered, itertools.cycle(["--", ":", "-."])):
+        for (key, members), style in zip(by_label(references, reference_telling), itertools.cycle(["--", ":", "-."])):
             ax.axhline(sum(r["accuracy"] for r in members) / len(members), color="gray", linestyle=style,
                        label=label(key, reference_telling, "centralized, no DP"))
         ax.set_ylim(0, 1)  # an accuracy: a 2-seed t-interval can reach far past [0, 1]

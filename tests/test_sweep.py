@@ -192,15 +192,18 @@ def test_summary_table_and_figures_from_rows(sweep_file, tmp_path):
     assert all(p.stat().st_size > 10_000 for p in paths)
 
 
-def test_rows_at_other_settings_are_not_pooled_as_seeds_and_are_labelled_by_them(sweep_file):
-    """An older run of the same grid at another lr (still in the results file) is its own group, not a 'seed'."""
-    def row(cell, seed, accuracy, kind="federated", **settings):
-        overrides = {"strategy": "ffa_lora", "target-epsilon": 3.0, "seed": seed, **settings}
-        return {"cell": cell, "kind": kind, "status": "ok", "overrides": overrides, "accuracy": accuracy,
-                "epsilon_max": 3.0, "bytes_up": 0, "bytes_down": 0, "rounds": [{"accuracy": accuracy}]}
+def result_row(cell, strategy, seed, accuracy, epsilon=3.0, kind="federated", **settings):
+    """A finished results-file row as the sweep writes it, at `settings` besides strategy, epsilon and seed."""
+    overrides = {"strategy": strategy, "target-epsilon": epsilon, "seed": seed, **settings}
+    return {"cell": cell, "kind": kind, "status": "ok", "overrides": overrides, "accuracy": accuracy,
+            "epsilon_max": epsilon, "bytes_up": 0, "bytes_down": 0, "rounds": [{"accuracy": accuracy}]}
 
-    rows = [row("a", 0, 0.5), row("b", 1, 0.7), row("c", 0, 0.1, lr=0.3),
-            row("r0", 0, 0.9, kind="reference"), row("r1", 0, 0.2, kind="reference", lr=0.3)]
+
+def test_rows_at_other_settings_are_not_pooled_as_seeds_and_are_labelled_by_them():
+    """An older run of the same grid at another lr (still in the results file) is its own group, not a 'seed'."""
+    rows = [result_row("a", "ffa_lora", 0, 0.5), result_row("b", "ffa_lora", 1, 0.7),
+            result_row("c", "ffa_lora", 0, 0.1, lr=0.3), result_row("r0", "ffa_lora", 0, 0.9, kind="reference"),
+            result_row("r1", "ffa_lora", 0, 0.2, kind="reference", lr=0.3)]
     defaults = {"adapter": "lora", "partitioner": "dirichlet", "lr": 0.03}
     table = summary_table(rows, defaults)
     mean, half = mean_interval([0.5, 0.7])
@@ -212,7 +215,7 @@ def test_rows_at_other_settings_are_not_pooled_as_seeds_and_are_labelled_by_them
     assert "| ffa_lora | lora | dirichlet | 3 |" in summary_table(rows[:2], defaults)
 
 
-def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path, capsys):
+def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path):
     from simulations.plot_sweep import main as plot_main
 
     sweep = load_sweep(sweep_file)
@@ -231,9 +234,7 @@ def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path, c
 
 def test_paired_differences_pool_the_per_seed_differences_of_shared_seeds():
     def row(strategy, seed, accuracy):
-        return {"cell": f"{strategy}{seed}", "kind": "federated", "status": "ok", "accuracy": accuracy,
-                "overrides": {"strategy": strategy, "target-epsilon": 8.0, "seed": seed},
-                "epsilon_max": 8.0, "bytes_up": 0, "bytes_down": 0, "rounds": [{"accuracy": accuracy}]}
+        return result_row(f"{strategy}{seed}", strategy, seed, accuracy, epsilon=8.0)
 
     rows = [row("fedsvd", 0, 0.30), row("fedsvd", 1, 0.50), row("fedsvd", 2, 0.40),
             row("ffa_lora", 0, 0.20), row("ffa_lora", 1, 0.45)]  # seed 2 missing: 2 shared seeds
