@@ -152,6 +152,7 @@ def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 # An empty Poisson batch is still a DP step: the optimizer adds pure noise.
+                give_empty_per_sample_gradients(optimizer)
                 privatize_then_update(optimizer, pieces)
                 losses.append(float("nan"))
             else:
@@ -167,3 +168,14 @@ def _run_steps(model, optimizer, loader, steps: int, device: torch.device, trim_
             if len(losses) == steps:
                 break
     return losses
+
+
+def give_empty_per_sample_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Per-sample gradients of an empty batch (shape 0 x param) for every DP parameter.
+
+    No forward runs on an empty Poisson batch, so Opacus' hooks record nothing and its `pre_step` would
+    fail on the missing `grad_sample`; with zero rows it clips and sums nothing and adds the noise
+    (Opacus' own empty-batch branch), which is what the accountant counted. Without DP, nothing to do.
+    """
+    for p in getattr(optimizer, "params", ()) if hasattr(optimizer, "pre_step") else ():
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -154,3 +154,36 @@ def test_train_locally_takes_the_requested_steps_and_leaves_no_hooks():
     # The module is reusable: a second round wraps it again without errors.
     assert train_locally(model, data, steps=1, batch_size=BATCH, lr=0.01,
                          dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0), device=torch.device("cpu")).steps == 1
+
+
+def test_an_empty_poisson_batch_is_a_pure_noise_step():
+    """A Poisson draw of no example still takes the step the accountant counted: the parameters move by
+    exactly the seeded noise N(0, (σC)^2) / expected batch size, and the loss of that step is NaN."""
+    data = TensorDataset(*(t[:4] for t in toy_data().tensors))  # batch 1 of 4: sample rate 1/4, P(empty) ≈ 0.32
+    sampling_seed = next(seed for seed in range(100) if not first_batch_size(data, seed))
+    sigma, clip, noise_seed = 0.7, 0.5, 11
+    model = TinyClassifier(freeze_a=False)
+    reference = copy.deepcopy(model)
+
+    result = train_locally(
+        model, data, steps=1, batch_size=1, lr=1.0, optimizer_name="sgd",
+        dp=DPSettings(noise_multiplier=sigma, max_grad_norm=clip), device=torch.device("cpu"),
+        sampling_generator=torch.Generator().manual_seed(sampling_seed),
+        noise_generator=torch.Generator().manual_seed(noise_seed),
+    )
+
+    assert result.steps == 1 and result.first_loss != result.first_loss  # NaN: no example, no loss
+    noise = torch.Generator().manual_seed(noise_seed)
+    after = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        expected = p.detach()
+        if p.requires_grad:
+            expected = expected - torch.normal(0.0, sigma * clip, p.shape, generator=noise) / 1.0
+        torch.testing.assert_close(after[name].detach(), expected, atol=1e-6, rtol=1e-5,
+                                   msg=f"{name} is not the pure-noise update")
+
+
+def first_batch_size(data: TensorDataset, sampling_seed: int) -> int:
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(data, batch_size=1, generator=torch.Generator().manual_seed(sampling_seed)))
+    return len(next(iter(loader))[2])
