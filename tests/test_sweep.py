@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -247,3 +248,15 @@ def test_paired_differences_pool_the_per_seed_differences_of_shared_seeds():
     rows[4]["overrides"] = {**rows[4]["overrides"], "lr": 0.3}
     table = summary_table(rows, {"adapter": "lora", "partitioner": "dirichlet", "lr": 0.03})
     assert f"| fedsvd (lr 0.03) − ffa_lora (lr 0.3) | lora | dirichlet | 8 | {mean:+.3f}" in table
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "simulations" / "sweeps").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_file_passes_the_pre_run_check(path):
+    """The README's sweep commands must not stop at their first line: each committed file loads and every
+    cell's run config parses and fits its strategy (what `--dry-run` checks)."""
+    from simulations.demo import default_run_config
+
+    sweep = load_sweep(path)
+    assert sweep.cells()
+    check_cells(sweep.cells(), default_run_config())
