@@ -177,5 +177,7 @@ def give_empty_per_sample_gradients(optimizer: torch.optim.Optimizer) -> None:
     fail on the missing `grad_sample`; with zero rows it clips and sums nothing and adds the noise
     (Opacus' own empty-batch branch), which is what the accountant counted. Without DP, nothing to do.
     """
-    for p in getattr(optimizer, "params", ()) if hasattr(optimizer, "pre_step") else ():
+    if not hasattr(optimizer, "pre_step"):
+        return
+    for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)

@@ -161,7 +161,7 @@ def test_an_empty_poisson_batch_is_a_pure_noise_step():
     exactly the seeded noise N(0, (σC)^2) / expected batch size, and the loss of that step is NaN."""
     data = TensorDataset(*(t[:4] for t in toy_data().tensors))  # batch 1 of 4: sample rate 1/4, P(empty) ≈ 0.32
     sampling_seed = next(seed for seed in range(100) if not first_batch_size(data, seed))
-    sigma, clip, noise_seed = 0.7, 0.5, 11
+    sigma, clip, noise_seed, expected_batch = 0.7, 0.5, 11, 1.0
     model = TinyClassifier(freeze_a=False)
     reference = copy.deepcopy(model)
 
@@ -178,7 +178,7 @@ def test_an_empty_poisson_batch_is_a_pure_noise_step():
     for name, p in reference.named_parameters():
         expected = p.detach()
         if p.requires_grad:
-            expected = expected - torch.normal(0.0, sigma * clip, p.shape, generator=noise) / 1.0
+            expected = expected - torch.normal(0.0, sigma * clip, p.shape, generator=noise) / expected_batch
         torch.testing.assert_close(after[name].detach(), expected, atol=1e-6, rtol=1e-5,
                                    msg=f"{name} is not the pure-noise update")
 
