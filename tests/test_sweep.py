@@ -12,7 +12,7 @@ import pytest
 from common.errors import ConfigError
 from simulations.plot_sweep import mean_interval, plot, summary_table
 from simulations.sweep import read_results, run_sweep
-from simulations.sweep_config import auto_delta, check_cells, load_sweep
+from simulations.sweep_config import auto_delta, check_cells, load_sweep, with_settings
 
 GRID = """
 [sweep]
@@ -83,6 +83,34 @@ def test_bad_when_tables_are_one_line_errors(sweep_file, extra, message):
     sweep_file.write_text(sweep_file.read_text() + "\n" + extra)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_sweep(sweep_file)
+
+
+def test_set_adds_a_key_to_every_cell_and_gives_them_new_ids(sweep_file):
+    """`--set model=PATH` runs the file's grid on another model: every cell carries it, none keeps its id."""
+    plain = load_sweep(sweep_file).cells()
+    sweep = with_settings(load_sweep(sweep_file), ["model=/models/bert-base-uncased", "num-rounds=5", "lr=1e-3"])
+    cells = sweep.cells()
+    assert len(cells) == len(plain)
+    assert all(c.overrides["model"] == "/models/bert-base-uncased" for c in cells)  # a path stays text
+    assert all(c.overrides["num-rounds"] == 5 and c.overrides["lr"] == 0.001 for c in cells)  # TOML values
+    assert not {c.id for c in cells} & {c.id for c in plain}
+    assert [c.id for c in with_settings(load_sweep(sweep_file), []).cells()] == [c.id for c in plain]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("seed=3", "seed is a \\[sweep.grid\\] key"),
+    ("model", "give KEY=VALUE"),
+    ("delta=1e-6", "set by the sweep itself"),
+])
+def test_bad_set_options_are_one_line_errors(sweep_file, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        with_settings(load_sweep(sweep_file), [setting])
+
+
+def test_set_may_not_clash_with_a_when_table(sweep_file):
+    sweep_file.write_text(sweep_file.read_text() + "\n[sweep.when.strategy.ffa_lora]\nlr = 0.003\n")
+    with pytest.raises(ConfigError, match="already sets"):
+        with_settings(load_sweep(sweep_file), ["lr=0.01"])
 
 
 def test_resume_skips_finished_cells_and_retries_failed_ones(sweep_file):
@@ -214,6 +242,14 @@ def test_rows_at_other_settings_are_not_pooled_as_seeds_and_are_labelled_by_them
     assert "pooled data (lr 0.3): accuracy 0.200 (1 seed)." in table
     # Only seeds differ: no settings in the label, the table as before.
     assert "| ffa_lora | lora | dirichlet | 3 |" in summary_table(rows[:2], defaults)
+
+
+def test_a_setting_at_an_empty_default_is_labelled_visibly():
+    """The rank-hetero sweep's homogeneous row keeps `client-ranks` at its default "": the label must say so."""
+    rows = [result_row("a", "hetlora", 0, 0.3, **{"client-ranks": "4,8"}), result_row("b", "fedsvd", 0, 0.4)]
+    table = summary_table(rows, {"adapter": "lora", "partitioner": "dirichlet", "client-ranks": ""})
+    assert '| fedsvd (client-ranks "") | lora |' in table
+    assert "| hetlora (client-ranks 4,8) | lora |" in table
 
 
 def test_plot_sweep_keeps_only_the_cells_of_a_sweep_file(sweep_file, tmp_path):
